@@ -1,0 +1,259 @@
+"""Checkpoint directories: config.json + model.safetensors + tokenizer files (+ trainer state).
+
+A checkpoint is written into a temporary sibling directory, every file fsynced, then
+renamed into place, so a kill at any moment leaves the previous checkpoint loadable.
+Nothing is ever unpickled: tensors are safetensors and everything else is JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .model import Transformer
+from .tokenizer import Tokenizer
+from .utils import fsync_dir
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
+
+
+# --- writing ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a scratch directory that replaces `target` only once everything in it is on disk."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(target, old)  # from here until the next rename, readers fall back to .old
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(directory: str | Path) -> Path:
+    """The checkpoint directory to read: `directory`, or its saved predecessor mid-swap."""
+    directory = Path(directory)
+    old = directory.with_name(f".{directory.name}.old")
+    if not directory.exists() and old.is_dir():
+        return old
+    return directory
+
+
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """State dict without the tied output head (safetensors refuses shared storage)."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Optional[Tokenizer] = None,
+                    trainer_state: Optional[dict[str, Any]] = None,
+                    extra_json: Optional[dict[str, Any]] = None) -> Path:
+    """Write a complete checkpoint atomically; returns its path."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    with atomic_directory(directory) as tmp:
+        (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if trainer_state is not None:
+            meta, tensors = pack(trainer_state)
+            (tmp / STATE_JSON).write_text(json.dumps(meta))
+            save_file(tensors, str(tmp / STATE_TENSORS))
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    return Path(directory)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+def is_checkpoint(directory: str | Path) -> bool:
+    return (resolve(directory) / CONFIG).is_file()
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    directory = resolve(directory)
+    if not directory.exists():
+        raise CheckpointError(f"no checkpoint at {directory}: the path does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file, not a checkpoint directory (config.json + model.safetensors)")
+    path = directory / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: it has no config.json")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is corrupt: expected a JSON object")
+    if data.get("model_type", "chatforge") != "chatforge":
+        raise CheckpointError(f"{directory} holds a {data.get('model_type')!r} model, not a chatforge checkpoint")
+    try:
+        return ModelConfig.from_dict(data)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid chatforge config: {e}") from None
+
+
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no {path.name}; the checkpoint is incomplete")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e}); restore it or use another checkpoint") from None
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
+                device: str | torch.device = "cpu", source: str = "checkpoint") -> Transformer:
+    """Construct the model without allocating random weights, then adopt `state`'s tensors."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected) - {"lm_head.weight"})
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+        raise CheckpointError(f"{source} weights do not match its config ({'; '.join(parts)})")
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{source} weight {name} has shape {tuple(state[name].shape)} but the config "
+                                  f"needs {tuple(tensor.shape)}; the weights and config.json do not belong together")
+    if config.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}  # converts one tensor at a time
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    return model.to(device).eval()
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu",
+               dtype: Optional[torch.dtype] = None) -> Transformer:
+    directory = resolve(directory)
+    config = load_config(directory)
+    state = read_weights(directory / WEIGHTS)
+    return build_model(config, state, dtype=dtype, device=device, source=str(directory))
+
+
+def load_tokenizer(directory: str | Path, model_config: Optional[ModelConfig] = None) -> Tokenizer:
+    directory = resolve(directory)
+    tok = Tokenizer.load(directory)
+    if model_config is not None:
+        check_tokenizer(tok, model_config, str(directory))
+    return tok
+
+
+def check_tokenizer(tok: Tokenizer, config: ModelConfig, where: str) -> None:
+    if tok.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer in {where} has {tok.vocab_size} tokens but the model only {config.vocab_size}: "
+            "they do not belong together; use the tokenizer.json that was saved with this model")
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
+                    dtype: Optional[torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer of a chatforge checkpoint directory."""
+    model = load_model(directory, device=device, dtype=dtype)
+    return model, load_tokenizer(directory, model.config)
+
+
+def load_trainer_state(directory: str | Path) -> dict[str, Any]:
+    directory = resolve(directory)
+    meta_path, tensor_path = directory / STATE_JSON, directory / STATE_TENSORS
+    if not meta_path.is_file():
+        raise CheckpointError(f"{directory} has no trainer state to resume from; it holds only weights "
+                              "(start a new run, or use --init-from to start from these weights)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path} is corrupt ({e})") from None
+    return unpack(meta, read_weights(tensor_path))
+
+
+# --- JSON + tensors for arbitrary nested state (optimizer, RNGs) -------------------------
+
+def pack(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested structure into JSON and a flat dict of tensors, without pickling."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = x.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(x, np.ndarray):
+            key = f"t{len(tensors)}"
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(x))
+            return {"__ndarray__": key}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x):
+                return {"__dict__": {k: walk(v) for k, v in x.items()}}
+            return {"__items__": [[walk(k), walk(v)] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v) for v in x]}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if isinstance(x, (np.integer, np.floating)):
+            return x.item()
+        if x is None or isinstance(x, (str, int, float, bool)):
+            return x
+        raise TypeError(f"cannot store {type(x).__name__} in trainer state")
+
+    return walk(obj), tensors
+
+
+def unpack(meta: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    def walk(x: Any) -> Any:
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if isinstance(x, dict):
+            if "__tensor__" in x:
+                return tensors[x["__tensor__"]]
+            if "__ndarray__" in x:
+                return tensors[x["__ndarray__"]].numpy()
+            if "__dict__" in x:
+                return {k: walk(v) for k, v in x["__dict__"].items()}
+            if "__items__" in x:
+                return {walk(k): walk(v) for k, v in x["__items__"]}
+            if "__tuple__" in x:
+                return tuple(walk(v) for v in x["__tuple__"])
+        return x
+
+    try:
+        return walk(meta)
+    except KeyError as e:
+        raise CheckpointError(f"trainer state is inconsistent: tensor {e} is missing") from None

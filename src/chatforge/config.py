@@ -1,0 +1,231 @@
+"""Configuration dataclasses, size presets and their JSON round-trip.
+
+ModelConfig describes every Transformer chatforge can build: GPT-style decoders,
+Llama-style decoders and BERT-style encoders are one class with different options,
+so the Hugging Face mappings, the trainer and the engine never need a second model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
+MLP_TYPES = ("gelu", "gelu_tanh", "relu", "swiglu")
+NORM_TYPES = ("layernorm", "rmsnorm")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and options of one Transformer (saved as config.json)."""
+
+    vocab_size: int = 512
+    block_size: int = 256  # longest sequence the model is trained for (context length)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_kv_head: Optional[int] = None  # grouped-query attention; None = n_head (plain multi-head)
+    head_dim: Optional[int] = None  # None = n_embd // n_head
+    intermediate_size: Optional[int] = None  # MLP width; None = 4*n_embd (gelu) or ~8/3*n_embd (swiglu)
+    pos_encoding: str = "learned"  # learned | sinusoidal | rope | none
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"  # gelu | gelu_tanh | relu | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    bias: bool = True  # biases in linear layers and norms
+    qkv_bias: Optional[bool] = None  # override for the q/k/v projections (GPT-Neo: False, Qwen2: True)
+    tie_embeddings: bool = True  # output head shares the token embedding matrix
+    dropout: float = 0.0
+    sliding_window: Optional[int] = None  # local attention span (keys with q-k < window are seen)
+    local_layers: Optional[list[int]] = None  # layers that use the window; None = all when a window is set
+    attn_scale: Optional[float] = None  # None = 1/sqrt(head_dim); GPT-Neo uses 1.0
+    causal: bool = True  # False = bidirectional encoder (BERT)
+    type_vocab_size: int = 0  # segment (token-type) embeddings, 2 for BERT
+    embd_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- derived values -------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        if self.mlp == "swiglu":  # keep the parameter count of a 4x GELU MLP, rounded to 64
+            return 64 * ((int(8 * self.n_embd / 3) + 63) // 64)
+        return 4 * self.n_embd
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """The sliding window of one layer, or None when it attends globally."""
+        if self.sliding_window is None:
+            return None
+        if self.local_layers is None or layer in self.local_layers:
+            return self.sliding_window
+        return None
+
+    # --- checks ------------------------------------------------------------------
+    def validate(self) -> None:
+        """Refuse impossible shapes with a message that says which value to change."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_head ({self.n_head}) must divide n_embd ({self.n_embd}); pick e.g. n_head="
+                f"{_divisor_near(self.n_embd, self.n_head)} or set head_dim"
+            )
+        if self.n_kv_head is not None:
+            if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+                raise ConfigError(f"n_kv_head ({self.n_kv_head}) must be positive and divide n_head ({self.n_head})")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ConfigError(f"head_dim must be positive, got {self.head_dim}")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ConfigError(f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {self.pos_encoding!r}")
+        if self.pos_encoding == "rope" and self.dim_head % 2:
+            raise ConfigError(f"rotary encoding needs an even head dimension, got {self.dim_head}")
+        if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
+            raise ConfigError(f"sinusoidal encoding needs an even n_embd, got {self.n_embd}")
+        if self.mlp not in MLP_TYPES:
+            raise ConfigError(f"mlp must be one of {', '.join(MLP_TYPES)}, got {self.mlp!r}")
+        if self.norm not in NORM_TYPES:
+            raise ConfigError(f"norm must be one of {', '.join(NORM_TYPES)}, got {self.norm!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            raise ConfigError(f"intermediate_size must be positive, got {self.intermediate_size}")
+        if self.type_vocab_size < 0:
+            raise ConfigError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+
+    # --- JSON round trip -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": "chatforge", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        model_type = data.pop("model_type", "chatforge")
+        if model_type != "chatforge":
+            raise ConfigError(f"config has model_type {model_type!r}, not a chatforge config")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        from .utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named size, optionally with some fields changed."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def _divisor_near(n: int, target: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
+
+
+_NEO = dict(pos_encoding="learned", mlp="gelu_tanh", qkv_bias=False, attn_scale=1.0, vocab_size=50257,
+            block_size=2048, sliding_window=256)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # for tests: builds in milliseconds
+    "test": dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32),
+    # nanoGPT's shakespeare_char CPU recipe shape
+    "nano": dict(block_size=64, n_layer=4, n_head=4, n_embd=128),
+    # the built-in demo chat model's shape
+    "mini": dict(block_size=512, n_layer=6, n_head=6, n_embd=384, n_kv_head=2, pos_encoding="rope",
+                 mlp="swiglu", norm="rmsnorm", bias=False, tie_embeddings=True),
+    "gpt2-124m": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, mlp="gelu_tanh"),
+    "gpt-neo-125m": dict(_NEO, n_layer=12, n_head=12, n_embd=768, local_layers=[1, 3, 5, 7, 9, 11]),
+    "gpt-neo-1.3b": dict(_NEO, n_layer=24, n_head=16, n_embd=2048,
+                         local_layers=list(range(1, 24, 2))),
+    "llama-1b": dict(vocab_size=128256, block_size=2048, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
+                     head_dim=64, intermediate_size=8192, pos_encoding="rope", rope_theta=500000.0,
+                     mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, bias=False, tie_embeddings=True),
+    "bert-mini": dict(block_size=128, n_layer=4, n_head=4, n_embd=256, causal=False, type_vocab_size=2,
+                      embd_norm=True, mlp="gelu", norm_eps=1e-12),
+}
+
+
+@dataclass
+class TrainConfig:
+    """How to train: every field is also a `chatforge pretrain`/`finetune` flag."""
+
+    out_dir: str = "runs/pretrain"
+    max_steps: int = 2000
+    batch_size: int = 12  # sequences per micro-batch on each process
+    grad_accum: int = 1  # micro-batches per optimizer step, summed over all processes
+    lr: float = 1e-3
+    min_lr: Optional[float] = None  # end of the decay; None = lr / 10
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 = off
+    eval_interval: int = 250
+    eval_iters: int = 20
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    save_interval: Optional[int] = None  # steps between `last` checkpoints; None = eval_interval
+    log_interval: int = 10
+    precision: str = "auto"  # auto | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | mps
+    seed: int = 1337
+    compile: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.save_interval is not None and self.save_interval <= 0:
+            raise ConfigError(f"save_interval must be positive, got {self.save_interval}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
+        if self.warmup_steps < 0 or self.patience < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("warmup_steps, patience, weight_decay and grad_clip must not be negative")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("beta1 and beta2 must be in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

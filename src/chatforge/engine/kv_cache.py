@@ -1,0 +1,57 @@
+"""A preallocated key/value cache: prefill once, then decode one token per step.
+
+Keys and values of every layer live in one tensor allocated up front, so decoding
+never reallocates. Each slot remembers its token's position and whether it is real
+(padding is not), which is all the attention mask needs for left-padded batches,
+grouped-query heads and sliding windows alike.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.dim_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0  # slots filled so far (the same for every row)
+        self._new = 0  # slots being written by the current forward pass
+
+    def next_position(self) -> torch.Tensor:
+        """(B,) position the next real token of each row will have."""
+        return self.next_pos
+
+    def reserve(self, positions: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+        """Claim slots for T new tokens; return the positions and validity of every key so far."""
+        T = positions.shape[1]
+        end = self.length + T
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} slots needed, {self.max_len} allocated")
+        new_valid = torch.ones_like(positions, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        self.pos[:, self.length:end] = positions
+        self.valid[:, self.length:end] = new_valid
+        last = torch.where(new_valid, positions + 1, torch.zeros_like(positions)).max(dim=1).values
+        self.next_pos = torch.maximum(self.next_pos, last)
+        self._new = T
+        return self.pos[:, :end], self.valid[:, :end]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values and return all of them."""
+        end = self.length + self._new
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.length += T
+        self._new = 0

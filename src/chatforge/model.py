@@ -1,0 +1,320 @@
+"""The Transformer: one class for GPT-, Llama- and BERT-style models.
+
+Read top to bottom: positional encodings, normalisation, attention, MLP, block, model.
+Every option (rotary or sinusoidal positions, grouped-query heads, sliding windows,
+SwiGLU, RMSNorm, bidirectional attention) lives in ModelConfig, so a checkpoint from
+any of those families runs on this one file.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import ChatforgeError
+
+# torch >= 2.5 lets SDPA broadcast grouped key/value heads itself (no copy per step)
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+# --- positional encodings ---------------------------------------------------------
+
+def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+    i = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
+    angles = positions.to(torch.float32)[..., None] / torch.pow(10000.0, i / dim)
+    pe = torch.stack((torch.sin(angles), torch.cos(angles)), dim=-1)  # interleave sin, cos
+    return pe.flatten(-2)
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for rotary embeddings, in the half-split layout Llama checkpoints use."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.int64).float() / dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None], emb.sin()[:, None]  # (B, 1, T, dim) broadcast over heads
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle: relative positions fall out of QK^T."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# --- normalisation -------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 for stability under bf16."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+# --- attention -------------------------------------------------------------------------
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: Optional[torch.Tensor],
+                   causal: bool, window: Optional[int]) -> torch.Tensor:
+    """Boolean (B, 1, Tq, Tk) mask of the keys each query may see.
+
+    Positions, not indices, decide causality and windows, so left-padded batches and
+    KV-cache slots work the same way as one plain sequence.
+    """
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    allowed = torch.ones(q.shape[0], q.shape[1], k.shape[2], dtype=torch.bool, device=q_pos.device)
+    if causal:
+        allowed &= k <= q
+    if window is not None:
+        allowed &= (q - k) < window
+    if k_valid is not None:
+        allowed &= k_valid[:, None, :].bool()
+    # a query that may see nothing (a padding slot) would give NaN; let it see everything
+    allowed |= ~allowed.any(-1, keepdim=True)
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head scaled dot-product self-attention, softmax(QK^T * scale) V, with grouped K/V heads."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.dim_head
+        self.scale = config.attn_scale if config.attn_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.window = config.layer_window(layer)
+        self.causal = config.causal
+        self.layer = layer
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer, k, v)
+
+        mask = ctx.mask_for(self.window)
+        if ctx.want_weights:
+            y, weights = self._explicit(q, k, v, mask)
+            ctx.attn_weights.append(weights)
+        else:
+            y = self._sdpa(q, k, v, mask, is_causal=mask is None and self.causal)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.proj(y)
+
+    def _sdpa(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        if self.n_kv_head != self.n_head:
+            if _SDPA_GQA:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
+                                                      scale=self.scale, enable_gqa=True)
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
+                                              scale=self.scale)
+
+    def _explicit(self, q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same attention written out, for when the caller wants to see the weights."""
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        scores = (q @ k.transpose(-2, -1)).float() * self.scale
+        if mask is None:
+            T, S = q.shape[-2], k.shape[-2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device)
+            if self.causal:
+                mask = mask.tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(-1)
+        return (weights.to(v.dtype) @ v), weights
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(self.n_head // self.n_kv_head, dim=1) if self.n_kv_head != self.n_head else x
+
+
+# --- feed-forward ---------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT, BERT) or SwiGLU (Llama), gate and up fused in one matmul."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.mlp
+        hidden = config.ffn_dim
+        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            h = F.relu(h)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), ctx))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+# --- the model ------------------------------------------------------------------------------
+
+class ForwardContext:
+    """What every layer of one forward pass shares: positions, rotary tables, masks, the cache."""
+
+    def __init__(self, positions, rope, cache, key_pos, key_valid, causal, padded, want_weights):
+        self.positions, self.rope, self.cache = positions, rope, cache
+        self.key_pos, self.key_valid = key_pos, key_valid
+        self.causal, self.padded = causal, padded
+        self.want_weights = want_weights
+        self.attn_weights: list[torch.Tensor] = []
+        self._masks: dict[Optional[int], Optional[torch.Tensor]] = {}
+
+    def mask_for(self, window: Optional[int]) -> Optional[torch.Tensor]:
+        """None when SDPA's own causal (or no) mask is exact: the fast path for plain training."""
+        if window not in self._masks:
+            if window is None and not self.padded and self.cache is None and self.key_valid is None:
+                self._masks[window] = None
+            else:
+                self._masks[window] = attention_mask(self.positions, self.key_pos, self.key_valid, self.causal, window)
+        return self._masks[window]
+
+
+class Transformer(nn.Module):
+    """Token (+ position, + segment) embeddings -> N blocks -> final norm -> vocabulary logits."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
+        self.wtt = nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None
+        self.embd_norm = make_norm(config) if config.embd_norm else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        cache=None,
+        logits: str = "all",
+        return_attention: bool = False,
+    ):
+        """Logits for token ids `idx` (B, T).
+
+        positions: (B, T) position of each token; default 0..T-1 (after the cache's tokens).
+        attention_mask: (B, T) 1 for real tokens, 0 for padding.
+        cache: a KVCache to read earlier keys/values from and append these to.
+        logits: "all", "last" (only the final position: a cheap prefill) or "none" (hidden states).
+        return_attention: also return each layer's (B, H, T, S) attention weights.
+        """
+        x, ctx = self._embed(idx, positions, attention_mask, token_type_ids, cache, return_attention)
+        for block in self.blocks:
+            x = block(x, ctx)
+        x = self.norm_f(x)
+        if cache is not None:
+            cache.advance(idx.shape[1])
+        if logits == "last":
+            x = x[:, -1:]
+        out = x if logits == "none" else self.lm_head(x)
+        return (out, ctx.attn_weights) if return_attention else out
+
+    def _embed(self, idx, positions, attention_mask, token_type_ids, cache, want_weights):
+        B, T = idx.shape
+        if positions is None:
+            if attention_mask is not None and self.config.causal:  # left padding: count real tokens
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                positions = torch.arange(T, device=idx.device).expand(B, T)
+            if cache is not None:
+                positions = positions + cache.next_position()[:, None]
+        if self.wpe is not None and int(positions.max()) >= self.config.block_size:
+            raise ChatforgeError(
+                f"sequence reaches position {int(positions.max()) + 1} but the model's context is "
+                f"{self.config.block_size} tokens; shorten the input or lower max_new_tokens")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_encoding(positions, self.config.n_embd).to(x.dtype)
+        if self.wtt is not None:
+            x = x + self.wtt(token_type_ids if token_type_ids is not None else torch.zeros_like(idx))
+        if self.embd_norm is not None:
+            x = self.embd_norm(x)
+        x = self.drop(x)
+
+        rope = None
+        if self.config.pos_encoding == "rope":
+            rope = rope_cos_sin(positions, self.config.dim_head, self.config.rope_theta)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if cache is not None:
+            key_pos, key_valid = cache.reserve(positions, attention_mask)
+        else:
+            key_pos, key_valid = positions, attention_mask if padded else None
+        ctx = ForwardContext(positions, rope, cache, key_pos, key_valid, self.config.causal, padded, want_weights)
+        return x, ctx
