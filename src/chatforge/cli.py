@@ -1,0 +1,154 @@
+"""The `chatforge` command: parse flags, call one library function, print.
+
+Every model and training flag is a ModelConfig / TrainConfig field (`--n-layer` is
+`n_layer`), generated from the dataclasses so the CLI and the Python API never drift.
+A ChatforgeError is printed on one line and exits with status 2; anything else is a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from typing import Any, Optional, Sequence
+
+from .errors import ChatforgeError
+
+# --- dataclass fields -> flags -------------------------------------------------------------
+
+
+def _flag_type(hint: Any) -> tuple[Any, dict]:
+    """argparse type and extra kwargs for a dataclass field's annotation."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        hint = args[0]
+    if typing.get_origin(hint) is list:
+        (inner,) = typing.get_args(hint)
+        return inner, {"nargs": "+"}
+    if hint is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    return hint, {}
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (),
+                        keep_defaults: bool = True, title: Optional[str] = None) -> None:
+    """One `--field-name` flag per field; with keep_defaults=False every default is None (= not given)."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        typ, extra = _flag_type(hints[f.name])
+        default = f.default if (keep_defaults and f.default is not dataclasses.MISSING) else None
+        kwargs: dict[str, Any] = dict(dest=f.name, default=default, **extra)
+        if typ is not None:
+            kwargs["type"] = typ
+            kwargs["metavar"] = f.name.upper()
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, base: Optional[dict] = None) -> Any:
+    """Build `cls` from `base` overridden by every flag the user actually gave."""
+    values = dict(base or {})
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return cls(**values)
+
+
+# --- verbs --------------------------------------------------------------------------------------
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .config import PRESETS, ModelConfig, TrainConfig
+    from .train.pretrain import pretrain
+
+    if not args.data and not args.resume:
+        raise ChatforgeError("no training data: pass --data FILE_OR_FOLDER_OR_GLOB (one or more)")
+    if args.preset not in PRESETS:
+        raise ChatforgeError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+    model_config = dataclass_from_args(ModelConfig, args, base=PRESETS[args.preset])
+    train_config = dataclass_from_args(TrainConfig, args)
+    result = pretrain(args.data or [], model_config, train_config, tokenizer=args.tokenizer,
+                      vocab_size=args.vocab_size, val_fraction=args.val_fraction, resume=args.resume,
+                      init_from=args.init_from)
+    print(f"done: step {result['step']}, val loss {result['val_loss']:.4f} "
+          f"(best {result['best_val_loss']:.4f}), {result['elapsed_s']:.0f}s; checkpoints in {result['out_dir']}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine import generate_text
+
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise ChatforgeError("no prompt: pass --prompt TEXT or pipe text on stdin")
+        prompt = sys.stdin.read()
+    generate_text(args.model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
+    print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import ModelConfig, TrainConfig
+
+    parser = argparse.ArgumentParser(prog="chatforge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="pre-train a model on raw text (causal LM)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", nargs="+", default=[], help="text files, folders or globs")
+    p.add_argument("--preset", default="nano", help="model size preset to start from")
+    p.add_argument("--tokenizer", default="char", help="char, bpe, or a directory/tokenizer.json to reuse")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the corpus held out")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT_DIR/last")
+    p.add_argument("--init-from", default=None, help="start from the weights of this checkpoint")
+    add_dataclass_flags(p, ModelConfig, skip=("vocab_size",), keep_defaults=False, title="model (overrides the preset)")
+    add_dataclass_flags(p, TrainConfig, keep_defaults=False, title="training")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("generate", help="continue a prompt with a model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--prompt", default=None, help="text to continue (default: stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"chatforge {__version__}")
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ChatforgeError as e:
+        print(f"chatforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nchatforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
