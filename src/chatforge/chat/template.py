@@ -1,0 +1,178 @@
+"""Chat templates: messages -> the exact text (and tokens) a model was trained to read.
+
+Templates are Jinja strings stored with the tokenizer (Hugging Face's `chat_template`
+convention, with `add_generation_prompt`). chatforge's own models use ChatML; a base
+model without a template gets the plain-text FALLBACK_TEMPLATE below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Optional, Sequence
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..errors import ChatforgeError
+from ..tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# For base models that were never taught a chat format: a transcript they can continue.
+# The reply ends where the model starts a new "User:" line.
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
+    "{% else %}{{ 'Assistant: ' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+FALLBACK_STOPS = ["\nUser:", "\nAssistant:"]
+
+
+def _raise(message: str) -> None:
+    raise ChatforgeError(f"chat template: {message}")
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise ChatforgeError(f"the chat template is not valid Jinja: {e}") from None
+
+
+def validate_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Check roles and contents; return plain {"role", "content"} dicts."""
+    if not messages:
+        raise ChatforgeError("the conversation is empty: add at least one user message")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ChatforgeError(f"message {i} must be an object with 'role' and 'content'")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise ChatforgeError(f"message {i} has unknown role {role!r}; use one of: {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ChatforgeError(f"message {i} content must be a string")
+        out.append({"role": role, "content": content})
+    return out
+
+
+@dataclass
+class ChatFormat:
+    """A tokenizer's way of writing conversations: template, stop strings and end-of-turn ids."""
+
+    tokenizer: Tokenizer
+    template: str
+    stop: list[str]
+    is_fallback: bool = False
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer) -> "ChatFormat":
+        if tokenizer.chat_template:
+            return cls(tokenizer, tokenizer.chat_template, [])
+        return cls(tokenizer, FALLBACK_TEMPLATE, list(FALLBACK_STOPS), is_fallback=True)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        ids = [self.tokenizer.token_id(r) for r in ("im_end", "eos")]
+        return [i for i in ids if i is not None]
+
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        tok = self.tokenizer
+        messages = validate_messages(messages) if messages else []
+        try:
+            return _compile(self.template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=tok.special.get("bos", ""), eos_token=tok.special.get("eos", ""))
+        except TemplateError as e:
+            raise ChatforgeError(f"the chat template failed to render: {e}") from None
+
+    def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered conversation; template specials are parsed, message text is not."""
+        return self._encode_text(self.render(messages, add_generation_prompt), messages)
+
+    def _encode_text(self, text: str, messages: Sequence[dict[str, Any]]) -> list[int]:
+        # Special tokens written by the template count as specials; the same strings typed by a
+        # user inside a message do not (so a message cannot forge an end-of-turn).
+        ids: list[int] = []
+        pos = 0
+        for m in messages:
+            content = m["content"]
+            if not content:
+                continue
+            at = text.find(content, pos)
+            if at < 0:  # a template that rewrites content: fall back to plain encoding
+                return self.tokenizer.encode(text, allow_special=True)
+            ids += self.tokenizer.encode(text[pos:at], allow_special=True) if at > pos else []
+            ids += self.tokenizer.encode(content)
+            pos = at + len(content)
+        if pos < len(text):
+            ids += self.tokenizer.encode(text[pos:], allow_special=True)
+        return ids
+
+    def fit(self, messages: Sequence[dict[str, Any]], budget: int) -> tuple[list[dict[str, str]], int]:
+        """Drop the oldest turns (never the system prompt nor the last message) until the prompt fits.
+
+        Returns the messages kept and how many were dropped; callers must report a non-zero count.
+        """
+        kept = validate_messages(messages)
+        dropped = 0
+        while len(self.encode(kept)) > budget:
+            first = 1 if kept[0]["role"] == "system" else 0
+            if len(kept) - first <= 1:
+                n = len(self.encode(kept))
+                raise ChatforgeError(f"the last message alone is {n} tokens, more than the {budget} tokens "
+                                     "of context available; shorten it")
+            del kept[first]
+            dropped += 1
+            # keep the conversation starting on a user turn
+            while len(kept) - first > 1 and kept[first]["role"] == "assistant":
+                del kept[first]
+                dropped += 1
+        return kept, dropped
+
+    def encode_for_training(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        """Token ids and a loss mask that is 1 exactly on assistant tokens and their end-of-turn.
+
+        Each assistant reply's span is found by rendering the conversation up to the reply
+        (with the generation prompt) and up to its end, so any template works.
+        """
+        messages = validate_messages(messages)
+        ids: list[int] = []
+        mask: list[int] = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = self.encode(messages[:i], add_generation_prompt=True)
+            full = self.encode(messages[: i + 1], add_generation_prompt=False)
+            if full[: len(prefix)] != prefix or prefix[: len(ids)] != ids:
+                raise ChatforgeError("the chat template does not render conversations incrementally; "
+                                     "it cannot be used for chat fine-tuning")
+            mask += [0] * (len(prefix) - len(ids))
+            reply = full[len(prefix):]
+            # the reply's tokens up to and including its end-of-turn are learned; what the
+            # template writes after it (e.g. a newline) is not
+            end = len(reply)
+            stops = set(self.stop_token_ids)
+            for j, t in enumerate(reply):
+                if t in stops:
+                    end = j + 1
+                    break
+            mask += [1] * end + [0] * (len(reply) - end)
+            ids = full
+        if not ids:
+            raise ChatforgeError("the conversation has no assistant message to learn from")
+        return ids, mask
+
