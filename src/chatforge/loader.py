@@ -1,0 +1,76 @@
+"""One loader for every model a user can name: the built-in demo, a chatforge checkpoint
+directory, or (through chatforge.hf) a Hugging Face directory or Hub id."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import CONFIG, is_checkpoint, load_checkpoint, resolve
+from .errors import ChatforgeError, CheckpointError
+from .model import Transformer
+from .tokenizer import Tokenizer
+from .utils import pick_device
+
+DEMO_MODEL = "chatforge-demo"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def demo_model_path() -> Path:
+    return Path(__file__).resolve().parent / "demo"
+
+
+def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise ChatforgeError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    return DTYPES[dtype]
+
+
+def load(name_or_path: Optional[str] = None, device: str | torch.device = "auto",
+         dtype: Optional[str | torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer for a name or path; the demo model when none is given."""
+    device = pick_device(device) if isinstance(device, str) else device
+    dtype = parse_dtype(dtype)
+    name = name_or_path or DEMO_MODEL
+    if name == DEMO_MODEL:
+        path = demo_model_path()
+        if not is_checkpoint(path):
+            raise ChatforgeError(f"the built-in demo model is missing from this installation ({path}); "
+                                 "reinstall chatforge or rebuild it with recipes/demo_model.sh")
+        return load_checkpoint(path, device=device, dtype=dtype)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; --model needs a checkpoint directory or a model name")
+        if is_checkpoint(path) and _is_chatforge(path):
+            return load_checkpoint(path, device=device, dtype=dtype)
+        if (path / CONFIG).is_file():
+            from .hf import load_hf  # a Hugging Face directory
+
+            return load_hf(path, device=device, dtype=dtype)
+        if not is_checkpoint(path):
+            raise CheckpointError(f"{path} is not a checkpoint directory: it has no config.json "
+                                  "(train one with `chatforge pretrain`, or point at a model directory)")
+    try:
+        from .hf import load_hf_id
+    except ImportError:
+        load_hf_id = None
+    if load_hf_id is not None and "/" in name and not name.startswith((".", "/", "~")):
+        return load_hf_id(name, device=device, dtype=dtype)
+    raise ChatforgeError(f"unknown model {name!r}: not a directory, not a Hugging Face id (owner/name), "
+                         f"and not the built-in {DEMO_MODEL!r}")
+
+
+def _is_chatforge(path: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((resolve(path) / CONFIG).read_text()).get("model_type", "chatforge") == "chatforge"
+    except (OSError, json.JSONDecodeError):
+        return True  # let the checkpoint loader report the corruption
