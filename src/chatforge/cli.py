@@ -92,6 +92,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat.repl import run_chat
+
+    options = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
+                                            "repetition_penalty", "seed")}
+    return run_chat(args.model, prompt=args.prompt, system=args.system, device=args.device, dtype=args.dtype,
+                    **options)
+
+
+def _sampling_flags(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """Sampling options shared by generate and chat (None = the model's chat defaults)."""
+    p.add_argument("--max-new-tokens", type=int, default=200 if defaults else None)
+    p.add_argument("--temperature", type=float, default=0.8 if defaults else None, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0 if defaults else None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import ModelConfig, TrainConfig
 
@@ -116,13 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--prompt", default=None, help="text to continue (default: stdin)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    _sampling_flags(p, defaults=True)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (the demo model by default)")
+    p.add_argument("--model", default=None, help="checkpoint directory, Hugging Face id, or chatforge-demo")
+    p.add_argument("--prompt", default=None, help="one message: print the reply and exit (for scripts)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--dtype", default=None, help="fp32 or bf16")
+    _sampling_flags(p, defaults=False)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -57,6 +57,8 @@ def load(name_or_path: Optional[str] = None, device: str | torch.device = "auto"
         if not is_checkpoint(path):
             raise CheckpointError(f"{path} is not a checkpoint directory: it has no config.json "
                                   "(train one with `chatforge pretrain`, or point at a model directory)")
+    if name.startswith(("/", ".", "~")) or "\\" in name:
+        raise CheckpointError(f"no model at {path}: the path does not exist")
     try:
         from .hf import load_hf_id
     except ImportError:

@@ -1,0 +1,91 @@
+"""Replies to conversations: template + context budget + engine, shared by every chat interface.
+
+The pipeline, the REPL and the server all ask this module for a reply, so a conversation
+is rendered, trimmed to fit and stopped the same way everywhere.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+from ..engine import Engine, Generation, GenerationConfig
+from .conversation import Conversation
+from .template import ChatFormat
+
+
+@dataclass
+class Reply:
+    """A streamed reply: iterate for text pieces; afterwards `.generation`, `.text` and timing."""
+
+    pieces: Iterator[str]
+    prompt_tokens: int
+    dropped_messages: int
+    generation: Optional[Generation] = None
+    started: float = field(default_factory=time.perf_counter)
+    elapsed: float = 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.pieces
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = self.generation.completion_tokens if self.generation else 0
+        return n / self.elapsed if self.elapsed > 0 else 0.0
+
+
+class ChatModel:
+    """An engine plus its chat format: turns conversations into replies."""
+
+    def __init__(self, engine: Engine, defaults: Optional[GenerationConfig] = None):
+        self.engine = engine
+        self.format = ChatFormat.for_tokenizer(engine.tokenizer)
+        self.defaults = defaults or GenerationConfig(max_new_tokens=256, temperature=0.7, top_p=0.95)
+
+    def config(self, base: Optional[GenerationConfig] = None, **overrides) -> GenerationConfig:
+        cfg = (base or self.defaults).replace(**{k: v for k, v in overrides.items() if v is not None})
+        if self.format.stop:  # the fallback template ends a reply where the next turn would start
+            cfg = cfg.replace(stop=list(dict.fromkeys([*cfg.stop, *self.format.stop])))
+        return cfg
+
+    def prompt(self, messages: Sequence[dict], config: GenerationConfig) -> tuple[list[int], int]:
+        """Token ids of the conversation with the generation prompt, oldest turns dropped to leave room."""
+        context = self.engine.context
+        reserve = min(config.max_new_tokens, context // 2)
+        kept, dropped = self.format.fit(messages, context - reserve)
+        return self.format.encode(kept), dropped
+
+    def stream(self, conversation: Conversation, config: Optional[GenerationConfig] = None, **overrides) -> Reply:
+        """Stream the assistant's next reply; it is appended to the conversation when the stream ends."""
+        cfg = self.config(config, **overrides)
+        ids, dropped = self.prompt(conversation.messages, cfg)
+        conversation.dropped_messages = dropped
+        text_stream = self.engine.stream(ids, cfg)
+        reply = Reply(iter(()), len(ids), dropped)
+
+        def pieces() -> Iterator[str]:
+            out = []
+            try:
+                for piece in text_stream:
+                    out.append(piece)
+                    yield piece
+                reply.generation = text_stream.result
+            finally:  # also when the caller stops early (Ctrl-C, a closed connection): keep what was said
+                reply.elapsed = time.perf_counter() - reply.started
+                conversation.append_response("".join(out).strip())
+
+        reply.pieces = pieces()
+        return reply
+
+    def reply(self, conversations: Sequence[Conversation], config: Optional[GenerationConfig] = None,
+              **overrides) -> list[Generation]:
+        """Generate the next reply of several conversations in one batch and append each."""
+        cfg = self.config(config, **overrides)
+        prompts = []
+        for conv in conversations:
+            ids, conv.dropped_messages = self.prompt(conv.messages, cfg)
+            prompts.append(ids)
+        results = self.engine.generate(prompts, cfg)
+        for conv, gen in zip(conversations, results):
+            conv.append_response(gen.text.strip())
+        return results
