@@ -55,3 +55,39 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.length += T
         self._new = 0
+
+    # --- changing which requests the cache holds (continuous batching) --------------------
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows, in this order (e.g. drop finished requests)."""
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        self.pos, self.valid = self.pos.index_select(0, rows), self.valid.index_select(0, rows)
+        self.next_pos = self.next_pos.index_select(0, rows)
+
+    @classmethod
+    def concat(cls, caches: list["KVCache"], max_len: int = 0) -> "KVCache":
+        """One cache holding the rows of all of `caches`, right-aligned.
+
+        A cache with fewer filled slots gets padding slots (never attended to) on its left,
+        so every row's newest token sits in the same slot: how a request joins a running
+        batch. `max_len` reserves room for the decode steps still to come.
+        """
+        length = max(c.length for c in caches)
+        first = caches[0]
+        n_layer, _, heads, _, dim = first.k.shape
+        batch = sum(c.k.shape[1] for c in caches)
+        out = cls.__new__(cls)
+        out.k = first.k.new_zeros((n_layer, batch, heads, max(max_len, length), dim))
+        out.v = torch.zeros_like(out.k)
+        out.pos = first.pos.new_zeros((batch, out.k.shape[3]))
+        out.valid = first.valid.new_zeros((batch, out.k.shape[3]))
+        out.next_pos = torch.cat([c.next_pos for c in caches])
+        out.max_len, out.length, out._new = out.k.shape[3], length, 0
+        row = 0
+        for c in caches:
+            rows, start = slice(row, row + c.k.shape[1]), length - c.length
+            out.k[:, rows, :, start:length] = c.k[:, :, :, :c.length]
+            out.v[:, rows, :, start:length] = c.v[:, :, :, :c.length]
+            out.pos[rows, start:length] = c.pos[:, :c.length]
+            out.valid[rows, start:length] = c.valid[:, :c.length]
+            row += c.k.shape[1]
+        return out

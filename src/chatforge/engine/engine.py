@@ -1,0 +1,401 @@
+"""The inference engine: prompts in, tokens and text out, for every interface.
+
+    engine = Engine(model, tokenizer)
+    [g] = engine.generate(tokenizer.encode("Once upon"), GenerationConfig(max_new_tokens=50))
+    for piece in (s := engine.stream(ids, config)):
+        print(piece, end="", flush=True)
+    s.result.finish_reason  # "stop" | "length"
+
+A batch is left-padded into one tensor and prefilled once into a preallocated KV cache;
+then each decode step feeds one token per row. Rows that finish leave the batch.
+DecodeState is one running batch, and its `step()` and `join()` are the seam for a serving
+scheduler (continuous batching: new requests joining a batch mid-decode).
+"""
+from __future__ import annotations
+
+import numbers
+import sys
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, TextIO, Union
+
+import torch
+
+from ..errors import ChatforgeError
+from .config import GenerationConfig
+from .kv_cache import KVCache
+from .sampling import NEG_INF, SamplingParams, sample
+from .stream import TextTracker
+
+Prompt = Union[str, Sequence[int]]
+Configs = Union[GenerationConfig, Sequence[GenerationConfig], None]
+
+
+class PromptTooLongError(ChatforgeError):
+    """The prompt leaves no room in the model's context to generate anything."""
+
+
+@dataclass
+class Generation:
+    """One finished continuation. token_ids excludes a final stop token; completion_tokens counts it."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (stop token or stop string) | "length" (max_new_tokens or context end)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Request:
+    """One prompt being continued: its settings, its tokens so far and the text they make."""
+
+    def __init__(self, prompt_ids: list[int], config: GenerationConfig, max_new: int, stop_ids: Sequence[int],
+                 tokenizer, incremental: bool):
+        self.prompt_ids = prompt_ids
+        self.config = config
+        self.max_new = max_new  # max_new_tokens clipped to the room left in the context
+        self.stop_ids = frozenset(stop_ids)
+        self.generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        # text is followed token by token only when someone needs it early (streaming, stop strings);
+        # otherwise the same tracker runs over all tokens at the end, giving the same text
+        self.incremental = incremental
+        self.tokens: list[int] = []
+        self.completion_tokens = 0
+        self.finish_reason: Optional[str] = None
+        self._text = TextTracker(tokenizer, config.stop, config.skip_special_tokens)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new - self.completion_tokens
+
+    def add(self, token: int) -> str:
+        """Take the next sampled token; return the text it makes safe to show ('' while held)."""
+        self.completion_tokens += 1
+        if token in self.stop_ids:
+            return self._finish("stop")
+        self.tokens.append(token)
+        piece = ""
+        if self.incremental:
+            piece = self._text.push(token)
+            if self._text.stopped:
+                self.finish_reason = "stop"
+                return piece
+        if self.completion_tokens >= self.max_new:
+            piece += self._finish("length")
+        return piece
+
+    def _finish(self, reason: str) -> str:
+        self.finish_reason = reason
+        if not self.incremental:
+            for t in self.tokens:
+                self._text.push(t)
+        piece = self._text.finish()
+        if self._text.stopped:  # the last held text completed a stop string
+            self.finish_reason = "stop"
+        return piece
+
+    def result(self) -> Generation:
+        if not self.done:
+            raise RuntimeError("the request is still generating")
+        return Generation(list(self.tokens), self._text.text, self.finish_reason, len(self.prompt_ids),
+                          self.completion_tokens)
+
+
+class DecodeState:
+    """A batch of requests mid-generation: the KV cache, the requests and each row's next input token.
+
+    The first `step()` prefills; each later one decodes one token per row. Both return
+    (request, text piece) for every row and drop finished rows from the batch. With
+    use_cache=False every step recomputes the whole sequence (the slow reference path).
+    """
+
+    def __init__(self, engine: "Engine", requests: list[Request], use_cache: bool = True):
+        self.engine = engine
+        self.requests = [r for r in requests if not r.done]
+        self.use_cache = use_cache
+        self.cache: Optional[KVCache] = None
+        self.started = False
+        self.next_tokens: Optional[torch.Tensor] = None  # (B,) token each row feeds next
+        self._ids = self._mask = None  # the whole (padded) sequences, only without a cache
+        self._seen: Optional[torch.Tensor] = None  # (B, V) tokens in prompt or output, for the penalty
+        self._params = SamplingParams([r.config for r in self.requests], engine.device)
+
+    @property
+    def done(self) -> bool:
+        return not self.requests
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, str]]:
+        if self.done:
+            return []
+        if not self.started:
+            return self._prefill()
+        model = self.engine.model
+        if self.cache is not None:
+            tokens = self.next_tokens[:, None]
+            logits = model(tokens, positions=self.cache.next_position()[:, None], cache=self.cache, logits="last")
+        else:
+            self._ids = torch.cat([self._ids, self.next_tokens[:, None]], dim=1)
+            self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+            logits = model(self._ids, attention_mask=self._mask, logits="last")
+        return self._advance(logits[:, -1])
+
+    def _prefill(self) -> list[tuple[Request, str]]:
+        self.started = True
+        engine = self.engine
+        T = max(len(r.prompt_ids) for r in self.requests)
+        pad = engine.tokenizer.pad_id if engine.tokenizer.pad_id < engine.model.config.vocab_size else 0
+        ids = torch.tensor([[pad] * (T - len(r.prompt_ids)) + r.prompt_ids for r in self.requests],
+                           device=engine.device)
+        mask = torch.tensor([[False] * (T - len(r.prompt_ids)) + [True] * len(r.prompt_ids) for r in self.requests],
+                            device=engine.device)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        padded = any(len(r.prompt_ids) < T for r in self.requests)
+        if self.use_cache:
+            slots = T + max(r.remaining for r in self.requests)
+            self.cache = KVCache(engine.model.config, len(self.requests), slots, engine.device, engine.dtype)
+            logits = engine.model(ids, positions=positions, attention_mask=mask if padded else None,
+                                  cache=self.cache, logits="last")
+        else:
+            self._ids, self._mask = ids, mask
+            logits = engine.model(ids, positions=positions, attention_mask=mask, logits="last")
+        return self._advance(logits[:, -1])
+
+    def _advance(self, logits: torch.Tensor) -> list[tuple[Request, str]]:
+        """Sample one token per row, hand it to its request, drop the rows that finished."""
+        if self._params.use_penalty and self._seen is None:
+            self._seen = self._build_seen(logits.shape[-1])
+        tokens = self.engine.sample(logits, self._params, self._seen, [r.generator for r in self.requests])
+        if self._seen is not None:
+            self._seen.scatter_(1, tokens[:, None], True)
+        out = [(r, r.add(t)) for r, t in zip(self.requests, tokens.tolist())]
+        keep = [i for i, r in enumerate(self.requests) if not r.done]
+        self.next_tokens = tokens
+        if len(keep) < len(self.requests):
+            self._keep(keep)
+        return out
+
+    def _build_seen(self, vocab: int) -> torch.Tensor:
+        rows = [i for i, r in enumerate(self.requests) for _ in range(len(r.prompt_ids) + len(r.tokens))]
+        cols = [t for r in self.requests for t in r.prompt_ids + r.tokens]
+        seen = torch.zeros(len(self.requests), vocab, dtype=torch.bool, device=self.engine.device)
+        seen[torch.tensor(rows, device=seen.device), torch.tensor(cols, device=seen.device)] = True
+        return seen
+
+    def _keep(self, rows: list[int]) -> None:
+        """Shrink the batch to these rows."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.engine.device)
+        self.requests = [self.requests[i] for i in rows]
+        self.next_tokens = self.next_tokens.index_select(0, index)
+        if self.cache is not None:
+            self.cache.select(index)
+        if self._ids is not None:
+            self._ids, self._mask = self._ids.index_select(0, index), self._mask.index_select(0, index)
+        if self._seen is not None:
+            self._seen = self._seen.index_select(0, index)
+        self._params = SamplingParams([r.config for r in self.requests], self.engine.device)
+
+    @torch.inference_mode()
+    def join(self, other: "DecodeState") -> list[tuple[Request, str]]:
+        """Add `other`'s requests to this running batch (prefilling them first if needed).
+
+        Returns the pieces of the prefills this needed. Afterwards `other` is empty and every step of
+        this state decodes both sets of requests together.
+        """
+        if not (self.use_cache and other.use_cache):
+            raise ValueError("only cached decode states can be joined")
+        pieces = self.step() if not self.started else []
+        pieces += other.step() if not other.started else []
+        if other.done:
+            return pieces
+        if self.done:
+            self.__dict__.update(other.__dict__)
+        else:
+            length = max(self.cache.length, other.cache.length)
+            room = max(r.remaining for r in self.requests + other.requests)
+            self.cache = KVCache.concat([self.cache, other.cache], max_len=length + room)
+            self.requests = self.requests + other.requests
+            self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+            self._seen = None  # rebuilt from the requests' tokens when a penalty needs it
+            self._params = SamplingParams([r.config for r in self.requests], self.engine.device)
+        other.requests = []
+        return pieces
+
+
+class TextStream:
+    """Iterate for text pieces as they become safe to show; `.result` is the Generation at the end.
+
+    Reading `.result` before the end finishes the generation first.
+    """
+
+    def __init__(self, state: DecodeState, request: Request):
+        self._state = state
+        self._request = request
+        self._pieces: deque[str] = deque()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        while not self._pieces:
+            if self._request.done:
+                raise StopIteration
+            self._pieces.extend(piece for _, piece in self._state.step() if piece)
+        return self._pieces.popleft()
+
+    @property
+    def result(self) -> Generation:
+        for _ in self:
+            pass
+        return self._request.result()
+
+
+class Engine:
+    """Generation for one model and tokenizer: batched, cached, streamed, stopped."""
+
+    def __init__(self, model, tokenizer, device: Optional[torch.device | str] = None,
+                 dtype: Optional[torch.dtype] = None):
+        if isinstance(device, str):
+            from ..utils import pick_device
+
+            device = pick_device(device)
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+        if not model.config.causal or getattr(model.config, "task", "lm") != "lm":
+            raise ChatforgeError("this model is an encoder or a classifier (not a causal language model); "
+                                 "it cannot generate text")
+        self.model = model.eval()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.tokenizer = tokenizer
+        self.context = model.config.block_size
+        # a model's vocabulary may be padded past the tokenizer's: never sample ids that decode to nothing
+        self._vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+        self.default_stop_ids = [i for i in (tokenizer.eos_id, tokenizer.token_id("im_end")) if i is not None]
+
+    # --- the public calls -----------------------------------------------------------------
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]], config: Configs = None, *,
+                 use_cache: bool = True, **overrides) -> list[Generation]:
+        """Continue each prompt (token ids, or text); one Generation per prompt, in order.
+
+        `config` is one GenerationConfig for all prompts or one per prompt; keyword overrides
+        (max_new_tokens=20, ...) change it. use_cache=False recomputes the whole sequence at
+        every step: slow, for checking the cached path.
+        """
+        state = self.start(prompts, config, use_cache=use_cache, **overrides)
+        requests = list(state.requests)
+        while not state.done:
+            state.step()
+        return [r.result() for r in requests]
+
+    def generate_naive(self, prompts: Union[Prompt, Sequence[Prompt]], config: Configs = None,
+                       **overrides) -> list[Generation]:
+        """generate() without the KV cache: the reference the cached path must match."""
+        return self.generate(prompts, config, use_cache=False, **overrides)
+
+    def stream(self, prompt: Prompt, config: Optional[GenerationConfig] = None, **overrides) -> TextStream:
+        """Text pieces of one continuation as they become final; `.result` afterwards.
+
+        Checks the prompt at once (a PromptTooLongError is raised here, not mid-stream); the
+        model runs only as the pieces are read.
+        """
+        state = self.start([self._ids(prompt)], config, incremental=True, **overrides)
+        return TextStream(state, state.requests[0])
+
+    def start(self, prompts: Union[Prompt, Sequence[Prompt]], config: Configs = None, *,
+              incremental: bool = False, use_cache: bool = True, **overrides) -> DecodeState:
+        """A DecodeState for these prompts, not yet prefilled: for schedulers that drive step() themselves.
+
+        incremental=True follows each request's text token by token (for streaming).
+        """
+        prompt_ids = self._prompt_list(prompts)
+        configs = self._configs(config, len(prompt_ids), overrides)
+        requests = [self.request(p, c, incremental=incremental or bool(c.stop)) for p, c in zip(prompt_ids, configs)]
+        return DecodeState(self, requests, use_cache=use_cache)
+
+    def request(self, prompt_ids: Sequence[int], config: GenerationConfig, incremental: bool = False) -> Request:
+        """Check one prompt against the vocabulary and context, and clip its max_new_tokens."""
+        ids = [int(i) for i in prompt_ids]
+        n, limit = len(ids), self.model.config.vocab_size
+        if n == 0:
+            raise ChatforgeError("the prompt is empty: give at least one token (e.g. the tokenizer's bos token)")
+        if min(ids) < 0 or max(ids) >= limit:
+            bad = next(i for i in ids if not 0 <= i < limit)
+            raise ChatforgeError(f"prompt token id {bad} is outside the model's vocabulary (0..{limit - 1})")
+        if n >= self.context:
+            raise PromptTooLongError(
+                f"prompt is {n} tokens but the model's context is {self.context} tokens, leaving no room to "
+                f"generate; shorten the prompt to at most {self.context - 1} tokens")
+        stop_ids = self.default_stop_ids if config.stop_token_ids is None else config.stop_token_ids
+        max_new = min(config.max_new_tokens, self.context - n)
+        return Request(ids, config, max_new, stop_ids, self.tokenizer, incremental)
+
+    def sample(self, logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None,
+               generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> torch.Tensor:
+        """The next token of every row from last-position logits (B, V)."""
+        logits = logits.float()
+        if self._vocab < logits.shape[-1]:
+            logits[:, self._vocab:] = NEG_INF
+        return sample(logits, params, seen, generators)
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _ids(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+
+    def _prompt_list(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and prompts.dim() == 1):
+            return [self._ids(prompts)]
+        prompts = list(prompts)
+        if prompts and all(isinstance(p, numbers.Integral) for p in prompts):
+            return [self._ids(prompts)]  # one prompt of token ids
+        return [self._ids(p) for p in prompts]
+
+    @staticmethod
+    def _configs(config: Configs, n: int, overrides: dict) -> list[GenerationConfig]:
+        if config is None or isinstance(config, GenerationConfig):
+            base = config or GenerationConfig()
+            return [base.replace(**overrides) if overrides else base] * n
+        configs = [c.replace(**overrides) if overrides else c for c in config]
+        if len(configs) != n:
+            raise ChatforgeError(f"{len(configs)} generation configs for {n} prompts; give one, or one per prompt")
+        return configs
+
+
+def generate_text(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: Optional[int] = None, top_p: float = 1.0, seed: Optional[int] = None,
+                  device: str = "auto", stream: bool = True, out: Optional[TextIO] = None) -> Generation:
+    """`chatforge generate`: load a model, continue `prompt`, write the continuation to `out` (stdout).
+
+    With stream=True each piece is written (and flushed) as soon as it is final.
+    """
+    from ..loader import load
+    from ..utils import bf16_supported, pick_device
+
+    out = sys.stdout if out is None else out
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed)
+    dev = pick_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" and bf16_supported(dev) else None
+    model, tokenizer = load(model_dir, device=dev, dtype=dtype)
+    engine = Engine(model, tokenizer)
+    ids = tokenizer.encode(prompt)
+    if not ids:  # nothing to continue from: start a fresh document
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if start is None:
+            raise ChatforgeError("the prompt is empty and the tokenizer has no bos/eos token to start from; "
+                                 "pass some prompt text")
+        ids = [start]
+    if not stream:
+        [result] = engine.generate(ids, config)
+        out.write(result.text)
+        out.flush()
+        return result
+    pieces = engine.stream(ids, config)
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+    return pieces.result
