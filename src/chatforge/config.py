@@ -17,6 +17,8 @@ from .errors import ConfigError
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 MLP_TYPES = ("gelu", "gelu_tanh", "relu", "swiglu")
 NORM_TYPES = ("layernorm", "rmsnorm")
+TASKS = ("lm", "classify")
+POOLINGS = ("cls", "last", "mean")
 
 
 @dataclass
@@ -47,6 +49,12 @@ class ModelConfig:
     type_vocab_size: int = 0  # segment (token-type) embeddings, 2 for BERT
     embd_norm: bool = False  # LayerNorm right after the embeddings (BERT)
     init_std: float = 0.02
+    # a sequence-level head (BERT's next-sentence head, a fine-tuned classifier): off for plain LMs
+    task: str = "lm"  # lm: the output is token logits (causal or masked LM) | classify: one label per sequence
+    pooling: str = "cls"  # cls (first token) | last (last real token) | mean: the vector a sequence head reads
+    pooler: bool = False  # dense + tanh over the pooled vector before the classifier (BERT)
+    num_labels: int = 0  # > 0: a linear classifier over the pooled vector (2 for next-sentence prediction)
+    labels: Optional[list[str]] = None  # the classifier's class names, in label-id order
 
     def __post_init__(self) -> None:
         self.validate()
@@ -111,6 +119,16 @@ class ModelConfig:
             raise ConfigError(f"intermediate_size must be positive, got {self.intermediate_size}")
         if self.type_vocab_size < 0:
             raise ConfigError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if not isinstance(self.num_labels, int) or self.num_labels < 0:
+            raise ConfigError(f"num_labels must be a non-negative integer, got {self.num_labels!r}")
+        if self.task == "classify" and self.num_labels < 2:
+            raise ConfigError(f"a classifier needs num_labels >= 2, got {self.num_labels}")
+        if self.labels is not None and len(self.labels) != self.num_labels:
+            raise ConfigError(f"labels has {len(self.labels)} names but num_labels is {self.num_labels}")
 
     # --- JSON round trip -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +209,9 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20
     patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    metric: str = "val_loss"  # the evaluation result that picks `best` and counts towards patience
+    metric_mode: str = "min"  # min | max: whether a lower or a higher `metric` is better
+    restore_best: bool = False  # end training with the best evaluation's weights, not the last step's
     save_interval: Optional[int] = None  # steps between `last` checkpoints; None = eval_interval
     log_interval: int = 10
     precision: str = "auto"  # auto | bf16 | fp32
@@ -217,6 +238,8 @@ class TrainConfig:
             raise ConfigError("warmup_steps, patience, weight_decay and grad_clip must not be negative")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.metric_mode not in ("min", "max"):
+            raise ConfigError(f"metric_mode must be min or max, got {self.metric_mode!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

@@ -220,7 +220,8 @@ class ForwardContext:
 
 
 class Transformer(nn.Module):
-    """Token (+ position, + segment) embeddings -> N blocks -> final norm -> vocabulary logits."""
+    """Token (+ position, + segment) embeddings -> N blocks -> final norm -> vocabulary logits
+    (and, when the config asks for one, a classifier over one pooled vector per sequence)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -235,6 +236,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # optional sequence-level head over one pooled vector: NSP while pre-training, labels when fine-tuned
+        self.pooler = nn.Linear(config.n_embd, config.n_embd, bias=True) if config.pooler else None
+        self.classifier = nn.Linear(config.n_embd, config.num_labels, bias=True) if config.num_labels else None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):
@@ -270,7 +274,9 @@ class Transformer(nn.Module):
         positions: (B, T) position of each token; default 0..T-1 (after the cache's tokens).
         attention_mask: (B, T) 1 for real tokens, 0 for padding.
         cache: a KVCache to read earlier keys/values from and append these to.
-        logits: "all", "last" (only the final position: a cheap prefill) or "none" (hidden states).
+        logits: "all", "last" (only the final position: a cheap prefill), "none" (hidden states) or
+            "classify" ((B, num_labels) logits of the sequence-level head).
+        token_type_ids: (B, T) segment of each token (0 = first sentence, 1 = second) for BERT-style models.
         return_attention: also return each layer's (B, H, T, S) attention weights.
         """
         x, ctx = self._embed(idx, positions, attention_mask, token_type_ids, cache, return_attention)
@@ -279,10 +285,39 @@ class Transformer(nn.Module):
         x = self.norm_f(x)
         if cache is not None:
             cache.advance(idx.shape[1])
-        if logits == "last":
-            x = x[:, -1:]
-        out = x if logits == "none" else self.lm_head(x)
+        if logits == "classify":
+            out = self.classify(x, attention_mask)
+        else:
+            if logits == "last":
+                x = x[:, -1:]
+            out = x if logits == "none" else self.lm_head(x)
         return (out, ctx.attn_weights) if return_attention else out
+
+    def pool(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One vector per sequence: the first token ([CLS]), the last real token, or the mean of real tokens.
+
+        An encoder's [CLS] sees the whole input; a decoder's only summary of it is its last token.
+        """
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        mask = attention_mask.to(hidden.dtype)
+        if self.config.pooling == "mean":
+            return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        steps = torch.arange(hidden.shape[1], device=hidden.device)
+        last = (attention_mask.long() * (steps + 1)).argmax(-1)  # the right-most real token, whatever the padding side
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def classify(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, num_labels) logits of the sequence-level head from final hidden states (B, T, C)."""
+        if self.classifier is None:
+            raise ChatforgeError("this model has no sequence-level head (num_labels is 0); fine-tune it as a "
+                                 "classifier first (`chatforge finetune --task classify`)")
+        x = self.pool(hidden, attention_mask)
+        if self.pooler is not None:
+            x = torch.tanh(self.pooler(x))
+        return self.classifier(self.drop(x))
 
     def _embed(self, idx, positions, attention_mask, token_type_ids, cache, want_weights):
         B, T = idx.shape
