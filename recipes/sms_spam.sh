@@ -17,6 +17,14 @@
 # The figures are in OUT_DIR/{finetune,scratch,few-finetune,few-scratch}/report.json. STAGES (default
 # "split pretrain finetune scratch few") picks stages; PRETRAIN_STEPS, FINETUNE_STEPS, FEW_FRACTION and
 # THREADS (torch threads, default 1) tune them.
+#
+# Reference run (1 CPU thread on a 2-core machine shared with other jobs): pre-training 900 steps took 29 min
+# (MLM accuracy 14.3%, NSP accuracy 67.2% on held-out documents: still on the unigram plateau).
+# Test split (558 messages, 75 spam):     accuracy  macro-F1
+#   pre-trained, all 4,458 training SMS     0.9875    0.9732   (val 0.9910; 96.1% val already at step 100)
+#   random init, all 4,458 training SMS     0.9946    0.9884   (val 0.9928; 89.6% val at step 100)
+#   pre-trained, 312 training SMS           0.9534    0.8897   (val 0.9677)
+#   random init, 312 training SMS           0.9516    0.8784   (val 0.9480)
 set -euo pipefail
 if [ $# -lt 3 ]; then
     sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'

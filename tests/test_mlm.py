@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -276,3 +277,34 @@ def test_pretrain_encoder_refuses_bad_setups(tmp_path):
     one_liners.write_text("Just one sentence.\n\nAnd another.\n\nA third.\n")
     with pytest.raises(DataError, match="next-sentence"):
         pretrain_encoder([str(one_liners)], tiny_encoder(1), cfg, tokenizer="char", val_fraction=0.3)
+
+
+def test_pretrain_encoder_resumes_and_trains_mlm_alone(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(prose(30))
+    cfg = dict(out_dir=str(tmp_path / "run"), batch_size=4, eval_interval=5, eval_iters=1, log_interval=5,
+               progress=False, precision="fp32", warmup_steps=1)
+    pretrain_encoder([str(corpus)], tiny_encoder(1), TrainConfig(max_steps=5, **cfg), objective="mlm",
+                     tokenizer="char", val_fraction=0.2)
+    model, _ = load_checkpoint(tmp_path / "run" / "last")
+    assert model.config.num_labels == 0 and model.config.pooler is False  # no next-sentence head for mlm alone
+    result = pretrain_encoder([], tiny_encoder(1), TrainConfig(max_steps=8, **cfg), objective="mlm", resume=True)
+    assert result["step"] == 8 and "nsp_accuracy" not in result and "mlm_accuracy" in result
+
+
+def test_evaluate_gives_the_perplexity_of_a_causal_model(tmp_path, char_tok):
+    from chatforge.evaluate import evaluate, summary
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("test", vocab_size=char_tok.vocab_size, block_size=16)).eval()
+    text = "the cat sat on a mat while every dog barked."  # 44 characters: three windows of 16
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    report = evaluate(model, str(path), tokenizer=char_tok)
+    ids = torch.tensor(char_tok.encode(text))
+    losses = [torch.nn.functional.cross_entropy(model(ids[s:s + 16][None, :len(ids[s + 1:s + 17])])[0],
+                                                ids[s + 1:s + 17], reduction="sum") for s in (0, 16, 32)]
+    assert report["tokens"] == len(ids) - 1
+    assert report["loss"] == pytest.approx(float(sum(losses).detach()) / (len(ids) - 1), rel=1e-5)
+    assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
+    assert summary(report).startswith("perplexity")

@@ -44,10 +44,8 @@ from ..errors import ConfigError, DataError
 from ..model import Transformer
 from ..tokenizer import Tokenizer, train_tokenizer
 from ..utils import atomic_write_text
-from .distributed import setup_distributed
 from .objectives import IGNORE_INDEX, Objective
-from .pretrain import VOCAB_MULTIPLE, _resume
-from .trainer import Trainer
+from .pretrain import VOCAB_MULTIPLE, run_training
 
 OBJECTIVES = ("mlm+nsp", "mlm")
 SENTENCE_MODES = ("auto", "lines", "prose")
@@ -471,28 +469,17 @@ def pretrain_encoder(data: list[str], model_config: ModelConfig, train_config: T
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if resume and init_from:
-        raise ConfigError("--resume continues OUT_DIR/last and --init-from starts a new run from other "
-                          "weights: use one of them")
     nsp = objective == "mlm+nsp"
-    dist = setup_distributed(train_config.device)
-    try:
-        out = Path(train_config.out_dir)
-        state = None
-        if resume:
-            model, tok, train_config, state = _resume(out, train_config)
-        else:
-            model, tok = _start(data, model_config, train_config, out, dist, nsp=nsp, tokenizer=tokenizer,
-                                vocab_size=vocab_size, val_fraction=val_fraction, sentences=sentences,
-                                init_from=init_from)
+
+    def masked_lm(out: Path, model: Transformer, tok: Tokenizer) -> MaskedLM:
         max_len = min(max_seq_len or model.config.block_size, model.config.block_size)
-        masked_lm = MaskedLM.from_dir(out / "data", tok, max_len, nsp=nsp, whole_word=whole_word_mask,
-                                      mask_prob=mask_prob)
-        trainer = Trainer(model, masked_lm, train_config, tokenizer=tok, dist=dist, state=state,
-                          title=f"pretrain {objective}")
-        return trainer.fit()
-    finally:
-        dist.close()
+        return MaskedLM.from_dir(out / "data", tok, max_len, nsp=nsp, whole_word=whole_word_mask, mask_prob=mask_prob)
+
+    return run_training(
+        train_config, resume=resume, init_from=init_from, title=f"pretrain {objective}", objective=masked_lm,
+        start=lambda out, dist: _start(data, model_config, train_config, out, dist, nsp=nsp, tokenizer=tokenizer,
+                                       vocab_size=vocab_size, val_fraction=val_fraction, sentences=sentences,
+                                       init_from=init_from))
 
 
 def _start(data, model_config, train_config, out: Path, dist, *, nsp, tokenizer, vocab_size, val_fraction,
