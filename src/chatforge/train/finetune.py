@@ -1,0 +1,186 @@
+"""Chat fine-tuning: a base model and JSONL conversations in, a chat model out.
+
+    from chatforge import TrainConfig
+    from chatforge.train.finetune import finetune_chat
+
+    result = finetune_chat(["chats.jsonl"], "runs/pretrain/best", TrainConfig(out_dir="runs/sft", lr=3e-4))
+    result["model_dir"]   # a normal checkpoint: chatforge chat --model runs/sft/best
+
+The same Trainer as pre-training (early stopping, resume, metrics.jsonl, loss.png) runs the
+ChatSFT objective of train/sft.py. The base model's tokenizer gets the ChatML template when
+it has none (or `chat_template`, when given), and every checkpoint saved carries it.
+
+With lora_rank > 0 the base weights are frozen and only LoRA adapters on `lora_targets`
+train (chatforge.lora). best/ and last/ then hold the base weights plus the adapter
+tensors; at the end adapter/ gets the adapters alone and, with merge_lora, merged/ a normal
+checkpoint with the adapters folded into the weights of the best evaluation.
+
+Layout of out_dir: finetune.json (what was asked), tokenizer files, data/{train,val}.npz +
+meta.json, best/, last/, [adapter/, merged/], train_config.json, metrics.jsonl, loss.png.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..chat.template import CHATML_TEMPLATE, ChatFormat
+from ..checkpoint import (WEIGHTS, build_model, is_checkpoint, load_config, load_tokenizer, load_trainer_state,
+                          read_weights, save_checkpoint)
+from ..config import TrainConfig
+from ..errors import CheckpointError, ConfigError
+from ..lora import LoRAConfig, apply_lora, load_lora_state, merge_lora, save_adapter, split_state
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from ..utils import atomic_write_text
+from .distributed import setup_distributed
+from .sft import ChatSFT, prepare_chats, read_chat_jsonl, split_conversations
+from .trainer import Trainer
+
+SETTINGS = "finetune.json"
+TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+
+def finetune_chat(data: list[str], base_model: str, train_config: TrainConfig, *,
+                  val_data: Optional[list[str]] = None, val_fraction: float = 0.1, lora_rank: int = 0,
+                  lora_alpha: float = 16, lora_dropout: float = 0.0, lora_targets: Sequence[str] = ("qkv", "proj"),
+                  merge_lora: bool = True, chat_template: Optional[str] = None, resume: bool = False,
+                  block_size: Optional[int] = None) -> dict:
+    """Fine-tune `base_model` (a checkpoint dir, Hugging Face dir/id or "chatforge-demo") on chat JSONL.
+
+    data / val_data: JSONL files, folders of .jsonl files or globs; without val_data a seeded
+        random `val_fraction` of the conversations is held out.
+    lora_rank: 0 = full fine-tuning; > 0 = LoRA adapters of that rank on `lora_targets`
+        (module names: qkv, proj, fc, attn.proj, mlp.proj), scaled by lora_alpha / lora_rank.
+    merge_lora: also save out_dir/merged, a normal checkpoint with the adapters folded in.
+    chat_template: a Jinja chat template (or "chatml"); None = the tokenizer's own, else ChatML.
+    resume: continue exactly from out_dir/last (data and model arguments are then ignored;
+        changed train_config fields override the saved ones, as in `pretrain`).
+    block_size: length of the packed training rows; None = the model's context.
+    Returns the Trainer's final metrics plus "model_dir" (the checkpoint to chat with),
+    "adapter_dir" (LoRA only) and "data" (conversation counts, truncations).
+    """
+    dist = setup_distributed(train_config.device)
+    try:
+        out = Path(train_config.out_dir)
+        if resume:
+            model, tok, train_config, state, settings = _resume(out, train_config)
+        else:
+            settings = {"base_model": base_model, "lora": None, "block_size": block_size}
+            if lora_rank:
+                settings["lora"] = LoRAConfig(lora_rank, float(lora_alpha), lora_dropout, list(lora_targets)).to_dict()
+            model, tok = _start(data, val_data, val_fraction, base_model, train_config, out, dist,
+                                chat_template=chat_template, settings=settings)
+            state = None
+        objective = ChatSFT.from_dir(out / "data")
+        trainer = Trainer(model, objective, train_config, tokenizer=tok, dist=dist, state=state,
+                          title="finetune chat" + (" (LoRA)" if settings["lora"] else ""))
+        result = trainer.fit()
+        result["data"] = json.loads((out / "data" / "meta.json").read_text())
+        result["model_dir"] = str(out / "best")
+        if settings["lora"] and dist.is_main:
+            result.update(_finish_lora(trainer, out, LoRAConfig(**settings["lora"]), settings["base_model"],
+                                       merge_lora))
+        dist.barrier()
+        return result
+    finally:
+        dist.close()
+
+
+def chat_tokenizer(tok: Tokenizer, chat_template: Optional[str]) -> Tokenizer:
+    """The tokenizer with the template the model will be trained on (ChatML unless it has one)."""
+    if chat_template:
+        tok.chat_template = TEMPLATES.get(chat_template.lower(), chat_template)
+    elif not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.chat_template == CHATML_TEMPLATE and tok.token_id("im_end") is None:
+        warnings.warn("the tokenizer has no <|im_end|> token: ChatML turn markers will be learned as plain text "
+                      "and replies end only at the end-of-text token", stacklevel=3)
+    return tok
+
+
+def _start(data, val_data, val_fraction, base_model, train_config: TrainConfig, out: Path, dist, *,
+           chat_template, settings) -> tuple[Transformer, Tokenizer]:
+    from ..loader import load
+
+    if is_checkpoint(out / "last"):
+        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it, "
+                          "or choose another --out-dir")
+    conversations = read_chat_jsonl(data)  # on every process, so that all of them fail alike
+    if val_data:
+        train, val = conversations, read_chat_jsonl(val_data)
+    else:
+        train, val = split_conversations(conversations, val_fraction, train_config.seed)
+    model, tok = load(base_model, device="cpu")
+    if model.config.task != "lm" or not model.config.causal:
+        raise ConfigError(f"{base_model} is not a causal language model; chat fine-tuning needs a decoder")
+    tok = chat_tokenizer(tok, chat_template)
+    block = min(settings["block_size"] or model.config.block_size, model.config.block_size)
+    if dist.is_main:
+        tok.save(out)
+        prepare_chats(train, val, ChatFormat.for_tokenizer(tok), block, out / "data")
+        atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2) + "\n")
+    dist.barrier()
+    model = model.float()  # train in fp32 weights (autocast does bf16 where the hardware has it)
+    if settings["lora"]:
+        apply_lora(model, LoRAConfig(**settings["lora"]))
+    return model, tok
+
+
+def _load_training_model(directory: Path, lora: Optional[dict]) -> Transformer:
+    """A best/ or last/ checkpoint of this run: base weights, plus adapters for a LoRA run."""
+    base, adapters = split_state(read_weights(directory / WEIGHTS))
+    model = build_model(load_config(directory), base, source=str(directory))
+    if lora:
+        apply_lora(model, LoRAConfig(**lora))
+        load_lora_state(model, adapters, str(directory))
+    return model
+
+
+def _resume(out: Path, given: TrainConfig):
+    last = out / "last"
+    if not is_checkpoint(last) or not (out / SETTINGS).is_file():
+        raise CheckpointError(f"nothing to resume: {last} (or {out / SETTINGS}) does not exist; check --out-dir, "
+                              "or start a new run without --resume")
+    settings = json.loads((out / SETTINGS).read_text())
+    state = load_trainer_state(last)
+    model = _load_training_model(last, settings["lora"])
+    model.train()
+    tok = load_tokenizer(last, model.config)
+    defaults, wanted = TrainConfig().to_dict(), given.to_dict()
+    merged = {**state.get("config", {}), **{k: v for k, v in wanted.items() if v != defaults.get(k)}}
+    merged["out_dir"] = str(out)
+    return model, tok, TrainConfig.from_dict(merged), state, settings
+
+
+def _finish_lora(trainer: Trainer, out: Path, lora: LoRAConfig, base_model: str, merge: bool) -> dict[str, Any]:
+    """adapter/ (the adapters of the best evaluation) and, with merge, merged/ (a normal checkpoint)."""
+    model = _load_training_model(out / "best", lora.to_dict())
+    extra = {"adapter_dir": str(save_adapter(out / "adapter", model, lora, base_model))}
+    if merge:
+        merged = merge_lora(model).eval()
+        save_checkpoint(out / "merged", merged, trainer.tokenizer,
+                        extra_json={"training.json": {"step": trainer.best_step, "base_model": base_model,
+                                                      "lora": lora.to_dict(), "merged": True}})
+        extra["model_dir"] = str(out / "merged")
+    else:
+        extra["model_dir"] = None  # best/ holds adapter tensors: load the base model + adapter/
+    return extra
+
+
+@torch.no_grad()
+def merge_adapter(base_model: str, adapter_dir: str, out_dir: str) -> Path:
+    """Fold a saved adapter (adapter/) into its base model and save a normal checkpoint at out_dir."""
+    from ..loader import load
+    from ..lora import load_adapter
+
+    model, tok = load(base_model, device="cpu")
+    model = model.float()
+    load_adapter(model, adapter_dir)
+    return save_checkpoint(out_dir, merge_lora(model).eval(), tok)
+
+
+__all__ = ["finetune_chat", "merge_adapter", "chat_tokenizer"]
