@@ -100,8 +100,9 @@ def is_checkpoint(directory: str | Path) -> bool:
     return (resolve(directory) / CONFIG).is_file()
 
 
-def load_config(directory: str | Path) -> ModelConfig:
-    directory = resolve(directory)
+def read_config_json(directory: str | Path) -> dict[str, Any]:
+    """config.json of a model directory (chatforge or Hugging Face) as a dict, or a clear error."""
+    directory = Path(directory)
     if not directory.exists():
         raise CheckpointError(f"no checkpoint at {directory}: the path does not exist")
     if not directory.is_dir():
@@ -115,6 +116,13 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path} is corrupt: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is corrupt: expected a JSON object")
+    return data
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    directory = resolve(directory)
+    path = directory / CONFIG
+    data = read_config_json(directory)
     if data.get("model_type", "chatforge") != "chatforge":
         raise CheckpointError(f"{directory} holds a {data.get('model_type')!r} model, not a chatforge checkpoint")
     try:

@@ -1,0 +1,76 @@
+"""chatforge model -> a directory transformers' AutoModelForCausalLM and AutoTokenizer load.
+
+The same family tables that load Hugging Face models run backwards here: our fused
+tensors are split (qkv -> q, k, v; fc -> gate, up) and GPT-2's Conv1D weights transposed.
+A configuration no transformers architecture computes exactly is refused, naming the option.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from ..checkpoint import atomic_directory
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from .families import export_family
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def hf_state(model: Transformer, plan, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Our tensors under Hugging Face names and layouts, in `dtype` (default: as they are)."""
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, src in plan.items():
+        if not src.names:  # only loading fills a missing bias with zeros; export plans never have one
+            raise AssertionError(f"export plan has no Hugging Face tensor for {name}")
+        tensor = ours[name].detach().to("cpu", dtype or ours[name].dtype)
+        parts = tensor.split(list(src.sizes)) if src.sizes else [tensor]
+        for hf_name, part in zip(src.names, parts):
+            out[hf_name] = (part.T if src.transpose else part).contiguous()
+    return out
+
+
+def hf_config(model: Transformer, tokenizer: Optional[Tokenizer], dtype: torch.dtype) -> dict[str, Any]:
+    config = model.config
+    family = export_family(config)
+    dtype = _DTYPE_NAMES.get(dtype, "float32")
+    out = {"architectures": [family.architecture], "model_type": family.model_type,
+           **family.from_config(config), "torch_dtype": dtype, "dtype": dtype, "use_cache": True}
+    if tokenizer is not None:
+        for role in ("bos", "eos", "pad"):
+            out[f"{role}_token_id"] = tokenizer.token_id(role)
+    return out
+
+
+def export_hf(model: str | Path | Transformer, out_dir: str | Path, tokenizer: Optional[Tokenizer] = None,
+              dtype: Optional[str | torch.dtype] = None) -> Path:
+    """Write `model` (a checkpoint dir, anything loader.load accepts, or a Transformer) as a Hugging Face model.
+
+    The directory holds config.json, generation_config.json, model.safetensors and, with a
+    tokenizer, tokenizer.json + tokenizer_config.json (chat template included).
+    """
+    from ..loader import load, parse_dtype
+
+    dtype = parse_dtype(dtype)
+    if isinstance(model, (str, Path)):
+        model, loaded_tok = load(str(model), device="cpu", dtype=dtype)
+        tokenizer = tokenizer or loaded_tok
+    model = getattr(model, "module", model)  # unwrap DDP
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    dtype = dtype or next(model.parameters()).dtype
+    config = hf_config(model, tokenizer, dtype)  # refuses unsupported options before anything is written
+    family = export_family(model.config)
+    tensors = hf_state(model, family.plan(model.config, config), dtype)
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(out_dir)
