@@ -12,14 +12,15 @@ import torch
 from chatforge.checkpoint import load_model
 
 SCRIPT = """
-import json, sys
+import json, os, sys
 from chatforge import ModelConfig, TrainConfig
 from chatforge.train.pretrain import pretrain
 data, out_dir = sys.argv[1], sys.argv[2]
 result = pretrain([data], ModelConfig.preset("test", block_size=32, dropout=0.0),
                   TrainConfig(out_dir=out_dir, max_steps=12, batch_size=4, grad_accum=4, lr=3e-3, warmup_steps=2,
                               eval_interval=6, eval_iters=4, log_interval=3, progress=False, precision="fp32"))
-print("RESULT " + json.dumps(result))
+if os.environ.get("RANK", "0") == "0":  # one line only: two ranks' prints interleave on the shared stdout
+    print("RESULT " + json.dumps(result), flush=True)
 """
 CORPUS = "".join(f"row {i}: a rose by any other name would smell as sweet ({i % 17})\n" for i in range(1500))
 

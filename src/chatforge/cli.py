@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 import typing
@@ -57,6 +58,9 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, base: Optional[dict
             values[f.name] = v
     return cls(**values)
 
+
+# modules that define `register(subparsers)` to add their verbs (imported when the parser is built)
+VERB_MODULES: list[str] = ["chatforge.train.cli", "chatforge.export", "chatforge.server.cli", "chatforge.explain.cli"]
 
 # --- verbs --------------------------------------------------------------------------------------
 
@@ -147,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp32 or bf16")
     _sampling_flags(p, defaults=False)
     p.set_defaults(func=cmd_chat)
+
+    for module in VERB_MODULES:  # each area adds its own verbs: `register(sub)` in its cli module
+        importlib.import_module(module).register(sub)
     return parser
 
 
