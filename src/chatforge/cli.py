@@ -64,24 +64,6 @@ VERB_MODULES: list[str] = ["chatforge.train.cli", "chatforge.export", "chatforge
 
 # --- verbs --------------------------------------------------------------------------------------
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .config import PRESETS, ModelConfig, TrainConfig
-    from .train.pretrain import pretrain
-
-    if not args.data and not args.resume:
-        raise ChatforgeError("no training data: pass --data FILE_OR_FOLDER_OR_GLOB (one or more)")
-    if args.preset not in PRESETS:
-        raise ChatforgeError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
-    model_config = dataclass_from_args(ModelConfig, args, base=PRESETS[args.preset])
-    train_config = dataclass_from_args(TrainConfig, args)
-    result = pretrain(args.data or [], model_config, train_config, tokenizer=args.tokenizer,
-                      vocab_size=args.vocab_size, val_fraction=args.val_fraction, resume=args.resume,
-                      init_from=args.init_from)
-    print(f"done: step {result['step']}, val loss {result['val_loss']:.4f} "
-          f"(best {result['best_val_loss']:.4f}), {result['elapsed_s']:.0f}s; checkpoints in {result['out_dir']}")
-    return 0
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import generate_text
 
@@ -118,24 +100,9 @@ def _sampling_flags(p: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ModelConfig, TrainConfig
-
     parser = argparse.ArgumentParser(prog="chatforge", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("pretrain", help="pre-train a model on raw text (causal LM)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", nargs="+", default=[], help="text files, folders or globs")
-    p.add_argument("--preset", default="nano", help="model size preset to start from")
-    p.add_argument("--tokenizer", default="char", help="char, bpe, or a directory/tokenizer.json to reuse")
-    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the corpus held out")
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUT_DIR/last")
-    p.add_argument("--init-from", default=None, help="start from the weights of this checkpoint")
-    add_dataclass_flags(p, ModelConfig, skip=("vocab_size",), keep_defaults=False, title="model (overrides the preset)")
-    add_dataclass_flags(p, TrainConfig, keep_defaults=False, title="training")
-    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("generate", help="continue a prompt with a model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
