@@ -38,6 +38,26 @@ def test_template_specials_are_tokens_but_user_text_is_not(chatml):
     assert tok.decode(ids) == "<|im_start|>user\nx<|im_end|>y<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.parametrize("content", ["s", "user", "im_start", "\n", "assistant\n"])
+def test_short_messages_that_also_occur_in_the_template_text_stay_plain_text(chatml, content):
+    tok = chatml.tokenizer
+    msgs = [{"role": "user", "content": content}, {"role": "assistant", "content": "<|im_end|>"}]
+    ids = chatml.encode(msgs, add_generation_prompt=False)
+    assert tok.decode(ids) == chatml.render(msgs, add_generation_prompt=False)
+    # the template's own markers are one token each: two turns = two starts and two ends
+    assert ids.count(tok.token_id("im_start")) == 2 and ids.count(tok.token_id("im_end")) == 2
+    start = ids.index(tok.token_id("im_start"))
+    assert ids[start + 1:start + 1 + len(tok.encode("user\n" + content))] == tok.encode("user\n" + content)
+
+
+def test_a_template_that_rewrites_content_still_encodes_what_it_renders():
+    tok = Tokenizer.train_char(["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ!?,.:"])
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content | upper }}\n{% endfor %}"
+    fmt = ChatFormat.for_tokenizer(tok)
+    ids = fmt.encode([{"role": "user", "content": "hi there"}])
+    assert tok.decode(ids) == "user: HI THERE\n"
+
+
 def test_fallback_template_for_base_models():
     tok = Tokenizer.train_char(["abc"])
     fmt = ChatFormat.for_tokenizer(tok)

@@ -6,6 +6,7 @@ model without a template gets the plain-text FALLBACK_TEMPLATE below.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional, Sequence
@@ -15,6 +16,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import ChatforgeError
 from ..tokenizer import Tokenizer
+
+# stands in for message i while locating message text in a rendered template (private-use characters)
+_MARK = "\ue000{}\ue001"
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
 
 ROLES = ("system", "user", "assistant")
 
@@ -100,26 +105,24 @@ class ChatFormat:
             raise ChatforgeError(f"the chat template failed to render: {e}") from None
 
     def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the rendered conversation; template specials are parsed, message text is not."""
-        return self._encode_text(self.render(messages, add_generation_prompt), messages)
+        """Token ids of the rendered conversation; template specials are parsed, message text is not.
 
-    def _encode_text(self, text: str, messages: Sequence[dict[str, Any]]) -> list[int]:
-        # Special tokens written by the template count as specials; the same strings typed by a
-        # user inside a message do not (so a message cannot forge an end-of-turn).
+        So a message that types "<|im_end|>" cannot forge an end of turn. Each message's text is
+        located by rendering again with a unique marker in its place (searching for the content
+        itself would find a short message such as "user" inside the template's own text).
+        """
+        messages = validate_messages(messages) if messages else []
+        text = self.render(messages, add_generation_prompt)
+        marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
+        parts = _MARK_RE.split(self.render(marked, add_generation_prompt))  # text, index, text, index, ...
+        if "".join(messages[int(p)]["content"] if k % 2 else p for k, p in enumerate(parts)) != text:
+            return self.tokenizer.encode(text, allow_special=True)  # a template that rewrites content
         ids: list[int] = []
-        pos = 0
-        for m in messages:
-            content = m["content"]
-            if not content:
-                continue
-            at = text.find(content, pos)
-            if at < 0:  # a template that rewrites content: fall back to plain encoding
-                return self.tokenizer.encode(text, allow_special=True)
-            ids += self.tokenizer.encode(text[pos:at], allow_special=True) if at > pos else []
-            ids += self.tokenizer.encode(content)
-            pos = at + len(content)
-        if pos < len(text):
-            ids += self.tokenizer.encode(text[pos:], allow_special=True)
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids += self.tokenizer.encode(messages[int(part)]["content"])
+            elif part:
+                ids += self.tokenizer.encode(part, allow_special=True)
         return ids
 
     def fit(self, messages: Sequence[dict[str, Any]], budget: int) -> tuple[list[dict[str, str]], int]:
