@@ -14,13 +14,7 @@ TEXT = "Hello world! The quick brown fox jumps over the lazy dog.\n0123456789,;:
 GREEDY = GenerationConfig(temperature=0, max_new_tokens=24, stop_token_ids=[])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread: extra threads only wait for each other on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ TEXT = ["The quick brown fox jumps over the lazy dog. " * 3, "Hello world! How a
 HUB_ID = "EleutherAI/gpt-neo-1.3B"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
