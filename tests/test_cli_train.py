@@ -118,3 +118,35 @@ def test_training_verbs_refuse_bad_input_on_one_line(tmp_path, prose, chat_model
     one_line_error(run_cli("export", str(tmp_path / "full")), "not empty")
     one_line_error(run_cli("export", str(tmp_path / "e"), "--model", str(chat_model_dir)), "layernorm", "rmsnorm")
     assert (tmp_path / "full" / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("empty_data", ("empty.txt",)),
+    ("heads", ("n_head (4) must divide n_embd (30)",)),
+    ("zero_layers", ("n_layer",)),
+    ("truncated_checkpoint", ("corrupt or truncated",)),
+    ("foreign_tokenizer", ("do not belong together",)),
+    ("prompt_too_long", ("context",)),
+])
+def test_foundation_mistakes_end_in_one_line(tmp_path, chat_model_dir, case, fragments):
+    import shutil
+
+    from chatforge.tokenizer import Tokenizer
+
+    (tmp_path / "empty.txt").write_text("")
+    model = tmp_path / "model"
+    shutil.copytree(chat_model_dir, model)
+    args = {
+        "empty_data": ["pretrain", "--data", str(tmp_path / "empty.txt"), "--out-dir", str(tmp_path / "r")],
+        "heads": ["pretrain", "--data", str(tmp_path / "empty.txt"), "--n-embd", "30", "--n-head", "4"],
+        "zero_layers": ["pretrain", "--data", str(tmp_path / "empty.txt"), "--n-layer", "0"],
+        "truncated_checkpoint": ["generate", "--model", str(model), "--prompt", "Hi"],
+        "foreign_tokenizer": ["generate", "--model", str(model), "--prompt", "Hi"],
+        "prompt_too_long": ["generate", "--model", str(model), "--prompt", "Hello " * 100],
+    }[case]
+    if case == "truncated_checkpoint":
+        data = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    if case == "foreign_tokenizer":
+        Tokenizer.train_char(["only a few letters"]).save(model)
+    one_line_error(run_cli(*args), *fragments)

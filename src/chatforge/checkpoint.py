@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
@@ -82,7 +82,8 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Option
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     with atomic_directory(directory) as tmp:
         (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        save_file(model_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        metadata = {"format": "pt", **({"tokenizer": tokenizer.fingerprint()} if tokenizer is not None else {})}
+        save_file(model_state(model), str(tmp / WEIGHTS), metadata=metadata)
         if tokenizer is not None:
             tokenizer.save(tmp)
         if trainer_state is not None:
@@ -196,7 +197,20 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
                     dtype: Optional[torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer of a chatforge checkpoint directory."""
     model = load_model(directory, device=device, dtype=dtype)
-    return model, load_tokenizer(directory, model.config)
+    tok = load_tokenizer(directory, model.config)
+    saved_with = _weights_metadata(resolve(directory) / WEIGHTS).get("tokenizer")
+    if saved_with and saved_with != tok.fingerprint():
+        raise CheckpointError(f"the tokenizer in {resolve(directory)} is not the one this model was saved with: they "
+                              "do not belong together; use the tokenizer.json that was saved with this model")
+    return model, tok
+
+
+def _weights_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError):
+        return {}  # load_model has already read these weights; nothing more to say
 
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ so the same class also reads tokenizers that come with Hugging Face checkpoints.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
@@ -131,6 +132,12 @@ class Tokenizer:
         return self.hf.id_to_token(i)
 
     # --- files ----------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary (token -> id): checkpoints record it so that a tokenizer.json
+        swapped in from another model is caught at load time instead of producing garbage."""
+        vocab = sorted(self.hf.get_vocab(with_added_tokens=True).items())
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
