@@ -33,10 +33,16 @@ def test_round_trip_keeps_logits_tied_weights_and_tokenizer(tmp_path, char_token
                                                    "tokenizer_config.json"]
 
 
-def test_load_in_bf16(tmp_path):
-    save_checkpoint(tmp_path / "ck", _model(tie_embeddings=False))
+def test_load_in_bf16(tmp_path, monkeypatch):
+    import chatforge.hf.weights
+
+    original = _model(tie_embeddings=False)
+    save_checkpoint(tmp_path / "ck", original)
+    monkeypatch.setattr(chatforge.hf.weights, "CHUNK_BYTES", 1024)  # many slabs per tensor
     m = load_model(tmp_path / "ck", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    for (name, a), b in zip(original.state_dict().items(), m.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b), name  # converted while read, slab by slab
 
 
 def test_trainer_state_round_trips_without_pickle(tmp_path):

@@ -132,12 +132,30 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path} is not a valid chatforge config: {e}") from None
 
 
-def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_weights(path: Path, device: str | torch.device = "cpu",
+                 dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; with `dtype`, floating tensors are converted while they are read.
+
+    Converting after a plain load would hold the stored copy and the converted one at once (3x the
+    bf16 size for an fp32 file); reading slab by slab into the converted tensor keeps one copy.
+    """
     if not path.is_file():
         raise CheckpointError(f"{path.parent} has no {path.name}; the checkpoint is incomplete")
     try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
+        if dtype is None:
+            return load_file(str(path), device=str(device))
+        from .hf.weights import SafetensorsFile
+
+        f = SafetensorsFile(path)
+        out = {}
+        for name in f.names():
+            stored = f.dtype(name)
+            out[name] = torch.empty(f.shape(name), dtype=dtype if stored.is_floating_point else stored)
+            rows = out[name].view(1) if out[name].dim() == 0 else out[name]
+            for start, slab in f.rows(name):
+                rows[start:start + len(slab)].copy_(slab)
+        return {k: v.to(device) for k, v in out.items()}
+    except (SafetensorError, OSError, ValueError, CheckpointError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e}); restore it or use another checkpoint") from None
 
 
@@ -174,7 +192,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
                dtype: Optional[torch.dtype] = None) -> Transformer:
     directory = resolve(directory)
     config = load_config(directory)
-    state = read_weights(directory / WEIGHTS)
+    state = read_weights(directory / WEIGHTS, dtype=dtype)
     return build_model(config, state, dtype=dtype, device=device, source=str(directory))
 
 
