@@ -59,6 +59,9 @@ def test_multi_turn_clear_system_and_ctrl_c(chatty_model_dir, tmp_path):
     assert msgs[0] == {"role": "system", "content": "You are terse."}
     assert msgs[1]["content"] == "Tell me everything"
     assert 5 <= len(msgs[2]["content"]) < 6000  # the partial reply is kept
+    child.sendline("/set max_new_tokens 6")  # short replies again for the rest
+    child.expect(r"\[max_new_tokens = 6\]")
+    child.expect(">>> ")
 
     child.sendline("/help")
     child.expect("/system TEXT")
