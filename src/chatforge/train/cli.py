@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ FINETUNE_DEFAULTS: dict[str, dict[str, Any]] = {
     "classify": dict(out_dir="runs/finetune-classify", max_steps=1000, lr=1e-4, warmup_steps=50, batch_size=32,
                      eval_interval=100, log_interval=20, weight_decay=0.01, patience=4),
 }
+
+
+def _say(text: str) -> None:
+    """Print once: under torchrun every process runs the verb, and only rank 0 reports."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -48,8 +55,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         result = pretrain(args.data, model_config, train_config, tokenizer=args.tokenizer or "char",
                           vocab_size=args.vocab_size, **common)
     extra = "".join(f", {k.replace('_', ' ')} {result[k]:.4f}" for k in ("mlm_accuracy", "nsp_accuracy") if k in result)
-    print(f"done: step {result['step']}, val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f})"
-          f"{extra}, {result['elapsed_s']:.0f}s; checkpoints in {result['out_dir']}")
+    _say(f"done: step {result['step']}, val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f})"
+         f"{extra}, {result['elapsed_s']:.0f}s; checkpoints in {result['out_dir']}")
     return 0
 
 
@@ -72,8 +79,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                val_fraction=args.val_fraction, merge_lora=args.merge_lora,
                                chat_template=template, resume=args.resume, block_size=args.block_size,
                                **lora)
-        print(f"done: step {result['step']}, val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}); "
-              f"chat with it: chatforge chat --model {result['model_dir']}")
+        _say(f"done: step {result['step']}, val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}); "
+             f"chat with it: chatforge chat --model {result['model_dir']}")
         return 0
     from ..evaluate import summary
     from .classify import finetune_classifier
