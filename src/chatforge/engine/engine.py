@@ -10,13 +10,17 @@ A batch is left-padded into one tensor and prefilled once into a preallocated KV
 then each decode step feeds one token per row. Rows that finish leave the batch.
 DecodeState is one running batch, and its `step()` and `join()` are the seam for a serving
 scheduler (continuous batching: new requests joining a batch mid-decode).
+
+A request made with trace=True also records, for every token it generates, the next-token
+logits and every layer's attention weights (`Generation.trace`): the model's explicit attention
+path then runs for that batch. Batches without such a request never take it.
 """
 from __future__ import annotations
 
 import numbers
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, TextIO, Union
 
 import torch
@@ -36,6 +40,15 @@ class PromptTooLongError(ChatforgeError):
 
 
 @dataclass
+class StepTrace:
+    """What the model saw when it chose one token: for a request made with trace=True."""
+
+    logits: torch.Tensor  # (V,) fp32 next-token logits, before any sampling filter
+    attention: list[torch.Tensor] = field(default_factory=list)  # per layer (H, Q, K) fp32 on the CPU
+    token: int = -1  # the token chosen (a final stop token too, which Generation.token_ids leaves out)
+
+
+@dataclass
 class Generation:
     """One finished continuation. token_ids excludes a final stop token; completion_tokens counts it."""
 
@@ -44,13 +57,16 @@ class Generation:
     finish_reason: str  # "stop" (stop token or stop string) | "length" (max_new_tokens or context end)
     prompt_tokens: int
     completion_tokens: int
+    # trace=True: one StepTrace per completion token. Its attention holds the rows of the tokens that step
+    # fed (the whole prompt at the first step, then the previous token) over every token before them.
+    trace: Optional[list[StepTrace]] = None
 
 
 class Request:
     """One prompt being continued: its settings, its tokens so far and the text they make."""
 
     def __init__(self, prompt_ids: list[int], config: GenerationConfig, max_new: int, stop_ids: Sequence[int],
-                 tokenizer, incremental: bool):
+                 tokenizer, incremental: bool, trace: bool = False):
         self.prompt_ids = prompt_ids
         self.config = config
         self.max_new = max_new  # max_new_tokens clipped to the room left in the context
@@ -62,6 +78,7 @@ class Request:
         self.tokens: list[int] = []
         self.completion_tokens = 0
         self.finish_reason: Optional[str] = None
+        self.trace: Optional[list[StepTrace]] = [] if trace else None
         self._text = TextTracker(tokenizer, config.stop, config.skip_special_tokens)
 
     @property
@@ -75,6 +92,8 @@ class Request:
     def add(self, token: int) -> str:
         """Take the next sampled token; return the text it makes safe to show ('' while held)."""
         self.completion_tokens += 1
+        if self.trace is not None:
+            self.trace[-1].token = token
         if token in self.stop_ids:
             return self._finish("stop")
         self.tokens.append(token)
@@ -102,7 +121,7 @@ class Request:
         if not self.done:
             raise RuntimeError("the request is still generating")
         return Generation(list(self.tokens), self._text.text, self.finish_reason, len(self.prompt_ids),
-                          self.completion_tokens)
+                          self.completion_tokens, self.trace)
 
 
 class DecodeState:
@@ -123,6 +142,7 @@ class DecodeState:
         self._ids = self._mask = None  # the whole (padded) sequences, only without a cache
         self._seen: Optional[torch.Tensor] = None  # (B, V) tokens in prompt or output, for the penalty
         self._params = SamplingParams([r.config for r in self.requests], engine.device)
+        self._tracing = any(r.trace is not None for r in self.requests)  # fixed per batch: no cost when False
 
     @property
     def done(self) -> bool:
@@ -134,15 +154,28 @@ class DecodeState:
             return []
         if not self.started:
             return self._prefill()
-        model = self.engine.model
         if self.cache is not None:
             tokens = self.next_tokens[:, None]
-            logits = model(tokens, positions=self.cache.next_position()[:, None], cache=self.cache, logits="last")
+            logits = self._forward(tokens, positions=self.cache.next_position()[:, None], cache=self.cache)
         else:
             self._ids = torch.cat([self._ids, self.next_tokens[:, None]], dim=1)
             self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-            logits = model(self._ids, attention_mask=self._mask, logits="last")
+            logits = self._forward(self._ids, attention_mask=self._mask)
         return self._advance(logits[:, -1])
+
+    def _forward(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Last-position logits; for a traced batch also each traced row's attention, kept on its request."""
+        if not self._tracing:
+            return self.engine.model(ids, logits="last", **kwargs)
+        logits, attn = self.engine.model(ids, logits="last", return_attention=True, **kwargs)
+        keys = self.cache.valid[:, :self.cache.length] if self.cache is not None else self._mask
+        for i, r in enumerate(self.requests):
+            if r.trace is not None:
+                fed = len(r.prompt_ids) if not r.trace else 1  # real tokens this pass fed for row i
+                real = keys[i].cpu()
+                r.trace.append(StepTrace(logits[i, -1].float().cpu(),
+                                         [a[i, :, -fed:].float().cpu()[..., real] for a in attn]))
+        return logits
 
     def _prefill(self) -> list[tuple[Request, str]]:
         self.started = True
@@ -158,11 +191,10 @@ class DecodeState:
         if self.use_cache:
             slots = T + max(r.remaining for r in self.requests)
             self.cache = KVCache(engine.model.config, len(self.requests), slots, engine.device, engine.dtype)
-            logits = engine.model(ids, positions=positions, attention_mask=mask if padded else None,
-                                  cache=self.cache, logits="last")
+            logits = self._forward(ids, positions=positions, attention_mask=mask if padded else None, cache=self.cache)
         else:
             self._ids, self._mask = ids, mask
-            logits = engine.model(ids, positions=positions, attention_mask=mask, logits="last")
+            logits = self._forward(ids, positions=positions, attention_mask=mask)
         return self._advance(logits[:, -1])
 
     def _advance(self, logits: torch.Tensor) -> list[tuple[Request, str]]:
@@ -222,6 +254,7 @@ class DecodeState:
             self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
             self._seen = None  # rebuilt from the requests' tokens when a penalty needs it
             self._params = SamplingParams([r.config for r in self.requests], self.engine.device)
+            self._tracing = self._tracing or other._tracing
         other.requests = []
         return pieces
 
@@ -279,14 +312,15 @@ class Engine:
 
     # --- the public calls -----------------------------------------------------------------
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], config: Configs = None, *,
-                 use_cache: bool = True, **overrides) -> list[Generation]:
+                 use_cache: bool = True, trace: bool = False, **overrides) -> list[Generation]:
         """Continue each prompt (token ids, or text); one Generation per prompt, in order.
 
         `config` is one GenerationConfig for all prompts or one per prompt; keyword overrides
         (max_new_tokens=20, ...) change it. use_cache=False recomputes the whole sequence at
-        every step: slow, for checking the cached path.
+        every step: slow, for checking the cached path. trace=True records each step's logits and
+        attention weights in `Generation.trace` (the explicit attention path: slower, same tokens).
         """
-        state = self.start(prompts, config, use_cache=use_cache, **overrides)
+        state = self.start(prompts, config, use_cache=use_cache, trace=trace, **overrides)
         requests = list(state.requests)
         while not state.done:
             state.step()
@@ -307,17 +341,20 @@ class Engine:
         return TextStream(state, state.requests[0])
 
     def start(self, prompts: Union[Prompt, Sequence[Prompt]], config: Configs = None, *,
-              incremental: bool = False, use_cache: bool = True, **overrides) -> DecodeState:
+              incremental: bool = False, use_cache: bool = True, trace: bool = False, **overrides) -> DecodeState:
         """A DecodeState for these prompts, not yet prefilled: for schedulers that drive step() themselves.
 
-        incremental=True follows each request's text token by token (for streaming).
+        incremental=True follows each request's text token by token (for streaming); trace=True records
+        logits and attention weights per step (see Generation.trace).
         """
         prompt_ids = self._prompt_list(prompts)
         configs = self._configs(config, len(prompt_ids), overrides)
-        requests = [self.request(p, c, incremental=incremental or bool(c.stop)) for p, c in zip(prompt_ids, configs)]
+        requests = [self.request(p, c, incremental=incremental or bool(c.stop), trace=trace)
+                    for p, c in zip(prompt_ids, configs)]
         return DecodeState(self, requests, use_cache=use_cache)
 
-    def request(self, prompt_ids: Sequence[int], config: GenerationConfig, incremental: bool = False) -> Request:
+    def request(self, prompt_ids: Sequence[int], config: GenerationConfig, incremental: bool = False,
+                trace: bool = False) -> Request:
         """Check one prompt against the vocabulary and context, and clip its max_new_tokens."""
         ids = [int(i) for i in prompt_ids]
         n, limit = len(ids), self.model.config.vocab_size
@@ -332,7 +369,7 @@ class Engine:
                 f"generate; shorten the prompt to at most {self.context - 1} tokens")
         stop_ids = self.default_stop_ids if config.stop_token_ids is None else config.stop_token_ids
         max_new = min(config.max_new_tokens, self.context - n)
-        return Request(ids, config, max_new, stop_ids, self.tokenizer, incremental)
+        return Request(ids, config, max_new, stop_ids, self.tokenizer, incremental, trace)
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None,
                generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> torch.Tensor:

@@ -1,0 +1,126 @@
+"""What every explanation shares: readable token labels, one forward pass that keeps the
+attention weights, figures written atomically, PNGs as base64 for self-contained HTML."""
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import ChatforgeError
+from ..utils import atomic_write_bytes
+
+# visible stand-ins for characters that would otherwise vanish from an axis label
+_VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
+def display_token(tokenizer, token_id: int) -> str:
+    """One token as a short readable label: spaces as ␣, newlines as ↵, tabs as ⇥.
+
+    A byte-level token that is only part of a UTF-8 character decodes to U+FFFD; its vocabulary
+    string is shown instead, so every token keeps a distinct label.
+    """
+    text = tokenizer.decode([int(token_id)])
+    if not text or "\ufffd" in text:
+        text = tokenizer.id_to_token(int(token_id)) or f"<{int(token_id)}>"
+    out = []
+    for ch in text:
+        if ch in _VISIBLE:
+            out.append(_VISIBLE[ch])
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
+    return [display_token(tokenizer, i) for i in ids]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_ids(model, ids: Sequence[int]) -> list[int]:
+    """Token ids as a plain list, refused with a clear message when the model cannot read them."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise ChatforgeError("the text is empty: there is nothing to explain")
+    if len(ids) > model.config.block_size:
+        raise ChatforgeError(f"the text is {len(ids)} tokens but the model's context is {model.config.block_size}; "
+                             "shorten it")
+    bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+    if bad:
+        raise ChatforgeError(f"token id {bad[0]} is outside the model's vocabulary (0..{model.config.vocab_size - 1})")
+    return ids
+
+
+@torch.no_grad()
+def forward_with_attention(model, ids: Sequence[int], token_type_ids: Optional[Sequence[int]] = None,
+                           logits: str = "all") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(output of one sequence, [per-layer (H, T, T) fp32 attention weights]) on the CPU.
+
+    The model's explicit attention path runs only here, never in the engine's normal generation.
+    """
+    model.eval()
+    ids = check_ids(model, ids)
+    device = model_device(model)
+    x = torch.tensor([ids], device=device)
+    types = None if token_type_ids is None else torch.tensor([list(token_type_ids)], device=device)
+    out, attn = model(x, token_type_ids=types, logits=logits, return_attention=True)
+    return out[0].float().cpu(), [a[0].float().cpu() for a in attn]
+
+
+def average_attention(attn: list[torch.Tensor], layers: str | int = "last") -> torch.Tensor:
+    """(T, S) attention averaged over heads: of the last layer, of one layer, or of all layers."""
+    if layers == "all":
+        return torch.stack([a.mean(0) for a in attn]).mean(0)
+    if layers == "last":
+        return attn[-1].mean(0)
+    return attn[pick_layer(len(attn), layers)].mean(0)
+
+
+def pick_layer(n_layer: int, layer: Optional[int]) -> int:
+    """A layer index (negative counts from the end; None = the last layer), or a clear error."""
+    if layer is None:
+        return n_layer - 1
+    if not -n_layer <= layer < n_layer:
+        raise ChatforgeError(f"layer {layer} does not exist: the model has {n_layer} layers (0..{n_layer - 1})")
+    return layer % n_layer
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    plt = pyplot()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write the figure as a PNG atomically (a crash never leaves half an image); returns the path."""
+    path = Path(path)
+    atomic_write_bytes(path, figure_png(fig, dpi))
+    return path
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
