@@ -107,9 +107,9 @@ def hub_config(repo_id: str) -> dict[str, Any]:
     """config.json of a Hugging Face Hub model: from the local cache, else downloaded alone (no weights)."""
     from huggingface_hub import hf_hub_download
 
-    from ..hf import hub_cache_dir
+    from ..hf.load import _offline, hub_cache_dir
 
-    for local_only in (True, False):
+    for local_only in (True,) if _offline() else (True, False):
         try:
             return _read_json(Path(hf_hub_download(repo_id, "config.json", cache_dir=hub_cache_dir(),
                                                    local_files_only=local_only)))
