@@ -212,9 +212,14 @@ def check_tokenizer(tok: Tokenizer, config: ModelConfig, where: str) -> None:
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
-                    dtype: Optional[torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer of a chatforge checkpoint directory."""
-    model = load_model(directory, device=device, dtype=dtype)
+                    dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer of a chatforge checkpoint directory (quantize="int8": see chatforge.quantize)."""
+    if quantize:
+        from .quantize import load_quantized_checkpoint
+
+        model = load_quantized_checkpoint(directory, quantize, device=device, dtype=dtype)
+    else:
+        model = load_model(directory, device=device, dtype=dtype)
     tok = load_tokenizer(directory, model.config)
     saved_with = _weights_metadata(resolve(directory) / WEIGHTS).get("tokenizer")
     if saved_with and saved_with != tok.fingerprint():

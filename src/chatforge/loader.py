@@ -33,8 +33,16 @@ def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
 
 
 def load(name_or_path: Optional[str] = None, device: str | torch.device = "auto",
-         dtype: Optional[str | torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer for a name or path; the demo model when none is given."""
+         dtype: Optional[str | torch.dtype] = None, quantize: Optional[str] = None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer for a name or path; the demo model when none is given.
+
+    quantize="int8": int8 weight-only inference (chatforge.quantize), a quarter of the fp32 weight
+    memory; `dtype` is then the activations' dtype (default bf16 where the hardware has it). A
+    chatforge checkpoint is quantized while it is read, so its full-precision model never exists.
+    """
+    from .quantize import check_mode
+
+    quantize = check_mode(quantize)
     device = pick_device(device) if isinstance(device, str) else device
     dtype = parse_dtype(dtype)
     name = name_or_path or DEMO_MODEL
@@ -43,17 +51,17 @@ def load(name_or_path: Optional[str] = None, device: str | torch.device = "auto"
         if not is_checkpoint(path):
             raise ChatforgeError(f"the built-in demo model is missing from this installation ({path}); "
                                  "reinstall chatforge or rebuild it with recipes/demo_model.sh")
-        return load_checkpoint(path, device=device, dtype=dtype)
+        return load_checkpoint(path, device=device, dtype=dtype, quantize=quantize)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; --model needs a checkpoint directory or a model name")
         if is_checkpoint(path) and _is_chatforge(path):
-            return load_checkpoint(path, device=device, dtype=dtype)
+            return load_checkpoint(path, device=device, dtype=dtype, quantize=quantize)
         if (path / CONFIG).is_file():
             from .hf import load_hf  # a Hugging Face directory
 
-            return load_hf(path, device=device, dtype=dtype)
+            return _quantized(load_hf, path, device, dtype, quantize)
         if not is_checkpoint(path):
             raise CheckpointError(f"{path} is not a checkpoint directory: it has no config.json "
                                   "(train one with `chatforge pretrain`, or point at a model directory)")
@@ -64,9 +72,22 @@ def load(name_or_path: Optional[str] = None, device: str | torch.device = "auto"
     except ImportError:
         load_hf_id = None
     if load_hf_id is not None and "/" in name and not name.startswith((".", "/", "~")):
-        return load_hf_id(name, device=device, dtype=dtype)
+        return _quantized(load_hf_id, name, device, dtype, quantize)
     raise ChatforgeError(f"unknown model {name!r}: not a directory, not a Hugging Face id (owner/name), "
                          f"and not the built-in {DEMO_MODEL!r}")
+
+
+def _quantized(loader, source, device: torch.device, dtype: Optional[torch.dtype],
+               quantize: Optional[str]) -> tuple[Transformer, Tokenizer]:
+    """A Hugging Face model loaded, then (with `quantize`) quantized in place; it is loaded in the
+    activation dtype first, which for bf16 halves the peak memory."""
+    if quantize is None:
+        return loader(source, device=device, dtype=dtype)
+    from .quantize import default_dtype, quantize_model
+
+    dtype = dtype or default_dtype(device)
+    model, tok = loader(source, device=device, dtype=dtype)
+    return quantize_model(model, quantize, dtype=dtype), tok
 
 
 def _is_chatforge(path: Path) -> bool:

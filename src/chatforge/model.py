@@ -68,6 +68,23 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
+# --- linear layers ----------------------------------------------------------------------
+
+class Linear(nn.Linear):
+    """nn.Linear that sends one row of reduced-precision input to torch's matrix-vector kernel.
+
+    Batch-1 decoding multiplies a single row by every weight. On CPUs torch's bf16 GEMM does
+    that 1.5-2.5x slower than its bf16 GEMV (fp32 is as fast either way), so one row takes addmv.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+            row = x.reshape(-1)
+            y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return F.linear(x, self.weight, self.bias)
+
+
 # --- attention -------------------------------------------------------------------------
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: Optional[torch.Tensor],
@@ -102,8 +119,8 @@ class Attention(nn.Module):
         self.causal = config.causal
         self.layer = layer
         qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
-        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
-        self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.qkv = Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
+        self.proj = Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
@@ -123,11 +140,16 @@ class Attention(nn.Module):
             y, weights = self._explicit(q, k, v, mask)
             ctx.attn_weights.append(weights)
         else:
-            y = self._sdpa(q, k, v, mask, is_causal=mask is None and self.causal)
+            y = self._sdpa(q, k, v, mask, is_causal=mask is None and self.causal and T > 1)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.proj(y)
 
     def _sdpa(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
+        if q.dtype != torch.float32 and q.device.type == "cpu" and q.requires_grad:
+            # torch's CPU flash-attention backward runs ~15x slower in bf16 than in fp32 (measured, torch
+            # 2.13), which made bf16 training slower than fp32: train the attention itself in fp32
+            with torch.autocast("cpu", enabled=False):
+                return self._sdpa(q.float(), k.float(), v.float(), mask, is_causal).to(q.dtype)
         p = self.dropout if self.training else 0.0
         if self.n_kv_head != self.n_head:
             if _SDPA_GQA:
@@ -163,8 +185,8 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = config.mlp
         hidden = config.ffn_dim
-        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
-        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.fc = Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        self.proj = Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
@@ -210,13 +232,27 @@ class ForwardContext:
         self._masks: dict[Optional[int], Optional[torch.Tensor]] = {}
 
     def mask_for(self, window: Optional[int]) -> Optional[torch.Tensor]:
-        """None when SDPA's own causal (or no) mask is exact: the fast path for plain training."""
+        """None when SDPA's own causal (or no) mask is exact: plain training, and decoding an unpadded batch."""
         if window not in self._masks:
-            if window is None and not self.padded and self.cache is None and self.key_valid is None:
+            if self._shapes_suffice(window):
                 self._masks[window] = None
             else:
                 self._masks[window] = attention_mask(self.positions, self.key_pos, self.key_valid, self.causal, window)
         return self._masks[window]
+
+    def _shapes_suffice(self, window: Optional[int]) -> bool:
+        """Whether every query may see exactly the keys SDPA shows it without a mask.
+
+        True without padding when the window (if any) spans every key, and the queries are either
+        all the keys (is_causal=True is then exact) or one new token after them (it sees them all).
+        Slots are assumed to hold increasing positions, as the engine writes them.
+        """
+        if self.padded or self.key_valid is not None:
+            return False
+        queries, keys = self.positions.shape[1], self.key_pos.shape[1]
+        if window is not None and keys > window:
+            return False
+        return not self.causal or queries == keys or queries == 1
 
 
 class Transformer(nn.Module):
@@ -233,7 +269,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         # optional sequence-level head over one pooled vector: NSP while pre-training, labels when fine-tuned

@@ -32,18 +32,27 @@ class KVCache:
         return self.next_pos
 
     def reserve(self, positions: torch.Tensor, attention_mask: Optional[torch.Tensor]):
-        """Claim slots for T new tokens; return the positions and validity of every key so far."""
+        """Claim slots for T new tokens; return the positions and validity of every key so far.
+
+        The validity is None when every slot holds a real token (no padding anywhere): the
+        attention then needs no mask, the cheap common case of decoding one sequence.
+        """
         T = positions.shape[1]
         end = self.length + T
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: {end} slots needed, {self.max_len} allocated")
-        new_valid = torch.ones_like(positions, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         self.pos[:, self.length:end] = positions
-        self.valid[:, self.length:end] = new_valid
-        last = torch.where(new_valid, positions + 1, torch.zeros_like(positions)).max(dim=1).values
+        if attention_mask is None:
+            self.valid[:, self.length:end] = True
+            last = positions.max(dim=1).values + 1
+        else:
+            new_valid = attention_mask.bool()
+            self.valid[:, self.length:end] = new_valid
+            last = torch.where(new_valid, positions + 1, torch.zeros_like(positions)).max(dim=1).values
         self.next_pos = torch.maximum(self.next_pos, last)
         self._new = T
-        return self.pos[:, :end], self.valid[:, :end]
+        valid = self.valid[:, :end]
+        return self.pos[:, :end], (None if bool(valid.all()) else valid)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values and return all of them."""
