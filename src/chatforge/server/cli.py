@@ -1,5 +1,37 @@
-"""Verbs of this area for the chatforge command (placeholder until filled in)."""
+"""`chatforge serve`: the OpenAI-compatible API and the web chat page for one model.
+
+Every flag is a ServeConfig field (`--max-batch` is `max_batch`); the API key can also come from
+the CHATFORGE_API_KEY environment variable, the database path from CHATFORGE_DB.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..cli import dataclass_from_args
+    from .app import serve
+    from .config import ServeConfig
+
+    config = dataclass_from_args(ServeConfig, args)
+    serve(config, announce=lambda line: print(line, flush=True))
+    print("chatforge serve: stopped", file=sys.stderr, flush=True)
+    return 0
 
 
 def register(sub) -> None:
-    """Add this area's verbs to the `chatforge` parser."""
+    """Add the `serve` verb to the `chatforge` parser."""
+    from ..cli import add_dataclass_flags
+    from .config import API_KEY_ENV, DB_ENV, HELP, ServeConfig, default_db_path
+
+    p = sub.add_parser(
+        "serve", help="serve a model: OpenAI-compatible HTTP API and a web chat page",
+        description=f"Serve a model (the built-in demo model unless --model says otherwise) over an "
+                    f"OpenAI-compatible API at /v1 and a web chat page at /. The API key may also come from "
+                    f"${API_KEY_ENV}; conversations are kept in SQLite at --db (default {default_db_path()}, "
+                    f"or ${DB_ENV}). Ctrl-C or SIGTERM stops it cleanly.")
+    add_dataclass_flags(p, ServeConfig, keep_defaults=False, title="serve options")
+    for action in p._actions:  # one line of help per ServeConfig field
+        action.help = HELP.get(action.dest, action.help)
+    p.set_defaults(func=cmd_serve)

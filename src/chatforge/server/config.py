@@ -1,0 +1,97 @@
+"""ServeConfig: every `chatforge serve` flag is one of these fields (`--max-batch` is `max_batch`)."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConfigError
+
+API_KEY_ENV = "CHATFORGE_API_KEY"
+DB_ENV = "CHATFORGE_DB"
+
+
+@dataclass
+class ServeConfig:
+    model: Optional[str] = None  # checkpoint dir, Hugging Face dir or id; None = the built-in demo model
+    served_model_name: Optional[str] = None  # the id clients pass as `model`; default: from the model path
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 = any free port (the one taken is printed)
+    api_key: Optional[str] = None  # when set, every endpoint but /health needs `Authorization: Bearer <key>`
+    db: Optional[str] = None  # SQLite file of the web page's conversations; default: default_db_path()
+    device: str = "auto"
+    dtype: Optional[str] = None  # fp32, bf16, fp16; None = the checkpoint's
+    threads: Optional[int] = None  # torch CPU threads; None = torch's default (tiny models run best on 1)
+    max_batch: int = 16  # sequences decoded together in one forward pass
+    max_queue: int = 64  # requests waiting for a batch slot; one more is answered 429 at once
+    max_body_bytes: int = 1_000_000  # larger request bodies get 413
+    max_messages: int = 256  # messages per request
+    max_message_chars: int = 32_000  # characters per message (and per completions prompt)
+    max_tokens: Optional[int] = None  # cap on max_tokens per request; None = the model's context
+    default_max_tokens: int = 256  # when a chat request gives no max_tokens
+    max_n: int = 8  # choices per request (`n`)
+    log_level: str = "info"  # critical, error, warning, info (with one access-log line per request), debug
+    shutdown_timeout: float = 10.0  # seconds running replies get to finish on SIGINT/SIGTERM before they are cut
+
+    def __post_init__(self) -> None:
+        checks = [("port", 0 <= self.port <= 65535), ("max_batch", self.max_batch >= 1),
+                  ("max_queue", self.max_queue >= 0), ("max_body_bytes", self.max_body_bytes >= 1024),
+                  ("max_messages", self.max_messages >= 1), ("max_message_chars", self.max_message_chars >= 1),
+                  ("max_tokens", self.max_tokens is None or self.max_tokens >= 1),
+                  ("default_max_tokens", self.default_max_tokens >= 1), ("max_n", self.max_n >= 1),
+                  ("threads", self.threads is None or self.threads >= 1),
+                  ("shutdown_timeout", self.shutdown_timeout >= 0)]
+        for name, ok in checks:
+            if not ok:
+                raise ConfigError(f"serve: {name} = {getattr(self, name)!r} is out of range "
+                                  f"(see `chatforge serve --help`)")
+        if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise ConfigError(f"serve: unknown log_level {self.log_level!r}; use critical, error, warning, info or debug")
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.db).expanduser() if self.db else default_db_path()
+
+
+HELP = {
+    "model": "checkpoint directory, Hugging Face directory or id (default: the built-in chatforge-demo)",
+    "served_model_name": "the id clients pass as `model` (default: the model directory's name)",
+    "host": "address to listen on (default 127.0.0.1: this machine only)",
+    "port": "port to listen on (default 8000; 0 = any free port, printed at start)",
+    "api_key": f"require `Authorization: Bearer KEY` on every endpoint but /health (or set ${API_KEY_ENV})",
+    "db": f"SQLite file for the web page's conversations (default: your data directory, or ${DB_ENV})",
+    "device": "auto, cpu, cuda or mps (default auto)",
+    "dtype": "fp32, bf16 or fp16 (default: the checkpoint's)",
+    "threads": "torch CPU threads (default: torch's choice; tiny models run best on 1)",
+    "max_batch": "sequences decoded together in one forward pass (default 16)",
+    "max_queue": "requests that may wait for a batch slot; more get 429 at once (default 64)",
+    "max_body_bytes": "larger request bodies get 413 (default 1000000)",
+    "max_messages": "messages per request (default 256)",
+    "max_message_chars": "characters per message or prompt (default 32000)",
+    "max_tokens": "the most max_tokens a request may ask for (default: the model's context)",
+    "default_max_tokens": "max_tokens of a chat request that gives none (default 256)",
+    "max_n": "choices per request, `n` (default 8)",
+    "log_level": "critical, error, warning, info or debug (default info: one line per request)",
+    "shutdown_timeout": "seconds running replies get to finish on Ctrl-C/SIGTERM before they are cut (default 10)",
+}
+
+
+def default_db_path() -> Path:
+    """conversations.db in the user's data directory ($CHATFORGE_DB overrides it).
+
+    Linux: $XDG_DATA_HOME/chatforge (~/.local/share/chatforge); macOS: ~/Library/Application Support/chatforge;
+    Windows: %APPDATA%/chatforge.
+    """
+    if os.environ.get(DB_ENV):
+        return Path(os.environ[DB_ENV]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "chatforge" / "conversations.db"

@@ -1,0 +1,204 @@
+"""The web page's JSON API: conversations kept in SQLite, and replies streamed into them.
+
+    GET    /api/info                                    model, context, default settings
+    GET    /api/conversations                           newest first
+    POST   /api/conversations                           {title?, system?, settings?}
+    GET    /api/conversations/{id}                      with its messages
+    PATCH  /api/conversations/{id}                      rename, system prompt, sampling settings
+    DELETE /api/conversations/{id}
+    POST   /api/conversations/{id}/messages             {content}: a user message
+    PATCH  /api/conversations/{id}/messages/{mid}       {content}: edit a user message, drop what follows
+    DELETE /api/conversations/{id}/messages/{mid}       drop a message and what follows (regenerate)
+    POST   /api/conversations/{id}/reply                the assistant's reply, streamed (server-sent events)
+
+A reply streams as `data: {"type": "start" | "delta" | "done" | "error", ...}` events and is saved
+when it ends; a reply the user stops (the page aborts the request) is saved as far as it got.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import APIRouter
+from pydantic import Field
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, StreamingResponse
+
+from ..engine import GenerationConfig
+from ..errors import ChatforgeError
+from .errors import APIError, error_body
+from .openai_api import SSE_HEADERS, StrictBody
+from .service import ClientGone, ModelService, Run, get_service, json_dumps, parse_body, watch_disconnect
+from .store import Store
+
+router = APIRouter(prefix="/api")
+
+
+class Settings(StrictBody):
+    """Sampling settings a conversation keeps (None = the server's chat default)."""
+
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
+    seed: Optional[int] = None
+
+
+class ConversationBody(StrictBody):
+    title: Optional[str] = Field(None, max_length=200)
+    system: Optional[str] = None
+    settings: Optional[Settings] = None
+
+
+class MessageBody(StrictBody):
+    content: str = Field(min_length=1)
+
+
+def _store(request: HTTPRequest) -> Store:
+    return request.app.state.store
+
+
+def _settings(body: ConversationBody, service: Optional[ModelService]) -> Optional[dict[str, Any]]:
+    if body.settings is None:
+        return None
+    settings = body.settings.model_dump(exclude_none=True)
+    if service is not None and "max_tokens" in settings:
+        service.check_max_tokens(settings["max_tokens"], "settings.max_tokens")
+    return settings
+
+
+def _check_length(text: Optional[str], request: HTTPRequest, param: str) -> None:
+    limit = request.app.state.config.max_message_chars
+    if text is not None and len(text) > limit:
+        raise APIError(400, f"{param} is {len(text)} characters, more than this server's limit of {limit}",
+                       param=param)
+
+
+@router.get("/info")
+async def info(request: HTTPRequest) -> dict[str, Any]:
+    service = get_service(request)
+    d = service.chat.defaults
+    return {"model": service.name, "context_length": service.context, "max_tokens_limit": service.max_tokens_cap,
+            "defaults": {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k or 0,
+                         "max_tokens": min(d.max_new_tokens, service.max_tokens_cap),
+                         "repetition_penalty": d.repetition_penalty, "seed": None}}
+
+
+@router.get("/conversations")
+def list_conversations(request: HTTPRequest) -> dict[str, Any]:
+    return {"data": _store(request).list_conversations()}
+
+
+@router.post("/conversations", status_code=201)
+async def create_conversation(request: HTTPRequest) -> JSONResponse:
+    body = await parse_body(request, ConversationBody)
+    _check_length(body.system, request, "system")
+    settings = _settings(body, getattr(request.app.state, "service", None))
+    conv = _store(request).create_conversation(body.title, body.system or "", settings)
+    return JSONResponse(conv, status_code=201)
+
+
+@router.get("/conversations/{cid}")
+def get_conversation(request: HTTPRequest, cid: str) -> dict[str, Any]:
+    return _store(request).get_conversation(cid)
+
+
+@router.patch("/conversations/{cid}")
+async def update_conversation(request: HTTPRequest, cid: str) -> dict[str, Any]:
+    body = await parse_body(request, ConversationBody)
+    _check_length(body.system, request, "system")
+    settings = _settings(body, getattr(request.app.state, "service", None))
+    return _store(request).update_conversation(cid, title=body.title, system=body.system, settings=settings)
+
+
+@router.delete("/conversations/{cid}")
+def delete_conversation(request: HTTPRequest, cid: str) -> dict[str, Any]:
+    _store(request).delete_conversation(cid)
+    return {"id": cid, "deleted": True}
+
+
+@router.post("/conversations/{cid}/messages", status_code=201)
+async def add_message(request: HTTPRequest, cid: str) -> JSONResponse:
+    body = await parse_body(request, MessageBody)
+    _check_length(body.content, request, "content")
+    return JSONResponse(_store(request).add_message(cid, "user", body.content), status_code=201)
+
+
+@router.patch("/conversations/{cid}/messages/{mid}")
+async def edit_message(request: HTTPRequest, cid: str, mid: int) -> dict[str, Any]:
+    body = await parse_body(request, MessageBody)
+    _check_length(body.content, request, "content")
+    return _store(request).edit_message(cid, mid, body.content)
+
+
+@router.delete("/conversations/{cid}/messages/{mid}")
+def truncate(request: HTTPRequest, cid: str, mid: int) -> dict[str, Any]:
+    return _store(request).truncate(cid, mid)
+
+
+def reply_config(settings: dict[str, Any], service: ModelService) -> GenerationConfig:
+    """The conversation's settings over the server's chat defaults."""
+    values = dict(settings)
+    if "max_tokens" in values:
+        values["max_new_tokens"] = min(values.pop("max_tokens"), service.max_tokens_cap)
+    values["top_k"] = values.get("top_k") or None
+    return service.chat.config(**values)
+
+
+@router.post("/conversations/{cid}/reply")
+async def reply(request: HTTPRequest, cid: str) -> StreamingResponse:
+    store, service = _store(request), get_service(request)
+    conv = store.get_conversation(cid)
+    history = [{"role": m["role"], "content": m["content"]} for m in conv["messages"]]
+    if not history or history[-1]["role"] != "user":
+        raise APIError(400, "the conversation has no user message waiting for a reply", param="messages")
+    if conv["system"]:
+        history.insert(0, {"role": "system", "content": conv["system"]})
+    config = reply_config(conv["settings"], service)
+    prompt_ids, dropped = service.chat.prompt(history, config)
+    run = Run(service.scheduler, service.requests(prompt_ids, config))
+    [job] = run.jobs
+
+    async def events() -> AsyncIterator[str]:
+        pieces: list[str] = []
+        saved = False
+        started = time.perf_counter()
+
+        def save(stopped: bool) -> dict[str, Any]:
+            nonlocal saved
+            saved = True
+            elapsed = time.perf_counter() - started
+            meta = {"finish_reason": "stopped" if stopped else job.outcome, "prompt_tokens": len(prompt_ids),
+                    "completion_tokens": job.request.completion_tokens, "dropped_messages": dropped,
+                    "tokens_per_second": round(job.request.completion_tokens / elapsed, 1) if elapsed > 0 else 0.0}
+            return store.add_message(cid, "assistant", "".join(pieces).strip(), meta)
+
+        disconnect = watch_disconnect(request)
+        try:
+            yield _event({"type": "start", "prompt_tokens": len(prompt_ids), "dropped_messages": dropped})
+            async for _, kind, text in run.events(disconnect):
+                if kind == "text":
+                    pieces.append(text)
+                    yield _event({"type": "delta", "text": text})
+            if job.outcome == "error":
+                yield _event({"type": "error", **error_body(job.error or "generation failed", "server_error")})
+                return
+            message = save(stopped=False)
+            yield _event({"type": "done", "message": message, "finish_reason": job.outcome})
+        except ClientGone:
+            pass
+        finally:  # stopped by the user (the page aborted the request) or cut at shutdown: keep what was said
+            disconnect.cancel()
+            run.cancel()
+            if not saved and "".join(pieces).strip():
+                try:
+                    save(stopped=True)
+                except ChatforgeError:  # the conversation was deleted meanwhile: nothing to keep it in
+                    pass
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json_dumps(data)}\n\n"

@@ -1,0 +1,84 @@
+"""Every error the server answers, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+A ChatforgeError (the user's mistake) becomes a 4xx; APIError says exactly which one. Anything
+else is a bug in chatforge: logged with its traceback and answered 500 in the same shape.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ..engine import PromptTooLongError
+from ..errors import ChatforgeError
+from .scheduler import QueueFullError
+
+log = logging.getLogger("chatforge.server")
+
+
+class APIError(ChatforgeError):
+    """A user error with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+
+class NotFoundError(APIError):
+    def __init__(self, message: str, *, param: Optional[str] = None, code: str = "not_found"):
+        super().__init__(404, message, param=param, code=code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """The APIError a raised exception is answered with."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, PromptTooLongError):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, ChatforgeError):
+        return APIError(400, str(exc))
+    return APIError(500, "internal server error: this is a bug in chatforge, please report it (the server log "
+                         "has the traceback)", type="server_error", code="internal_error")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    err = as_api_error(exc)
+    return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status,
+                        headers=err.headers)
+
+
+async def handle_error(request: Request, exc: Exception) -> JSONResponse:
+    """Exception handler for the app: user errors as 4xx, bugs as a logged 500."""
+    if not isinstance(exc, ChatforgeError):
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(exc)
+
+
+async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own 404/405 (unknown path or method) in the OpenAI shape."""
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", None) or "error"
+    if status == 404:
+        detail = f"no such endpoint: {request.method} {request.url.path}"
+    elif status == 405:
+        detail = f"method {request.method} is not allowed on {request.url.path}"
+    return JSONResponse(error_body(str(detail), code=str(status)), status_code=status,
+                        headers=getattr(exc, "headers", None))
+
+
+def sse_error(exc: BaseException) -> str:
+    """An error inside an event stream that has already begun (the status line is long gone)."""
+    err = as_api_error(exc)
+    return f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"

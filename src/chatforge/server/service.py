@@ -1,0 +1,164 @@
+"""The loaded model as the HTTP layer sees it, and the bridge from the scheduler thread to asyncio.
+
+ModelService holds the engine, the chat format and the scheduler; Run is one HTTP request's
+jobs, whose events arrive in the event loop; parse_body turns a request body into a checked
+pydantic model or an OpenAI-shaped 400.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator, Optional, Sequence, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request as HTTPRequest
+
+from ..chat.session import ChatModel
+from ..engine import Engine, GenerationConfig, Request
+from .config import ServeConfig
+from .errors import APIError, NotFoundError
+from .metrics import Metrics
+from .scheduler import Job, Scheduler
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ModelService:
+    """One model served: its names, context, chat formatting and batching scheduler."""
+
+    def __init__(self, model, tokenizer, config: ServeConfig, metrics: Metrics, name: str):
+        self.engine = Engine(model, tokenizer)
+        self.tokenizer = tokenizer
+        self.chat = ChatModel(self.engine)
+        self.config = config
+        self.name = name
+        self.aliases = {name, config.model or name}
+        self.context = self.engine.context
+        self.created = int(time.time())
+        self.scheduler = Scheduler(self.engine, config.max_batch, config.max_queue, metrics).start()
+
+    @property
+    def max_tokens_cap(self) -> int:
+        """The largest max_tokens a request may ask for: the context less one prompt token, or the flag."""
+        cap = self.context - 1
+        return min(cap, self.config.max_tokens) if self.config.max_tokens else cap
+
+    def check_model(self, requested: Optional[str]) -> None:
+        if requested is not None and requested not in self.aliases:
+            raise NotFoundError(f"the model {requested!r} does not exist here; this server serves {self.name!r} "
+                                "(GET /v1/models)", param="model", code="model_not_found")
+
+    def check_max_tokens(self, value: Optional[int], param: str = "max_tokens") -> None:
+        if value is None:
+            return
+        if value > self.max_tokens_cap:
+            why = (f"the model's context is {self.context} tokens" if self.max_tokens_cap == self.context - 1
+                   else f"this server allows at most {self.max_tokens_cap} (--max-tokens)")
+            raise APIError(400, f"{param} is {value}, but {why}; ask for at most {self.max_tokens_cap}",
+                           param=param, code="context_length_exceeded")
+
+    def requests(self, prompt_ids: Sequence[int], config: GenerationConfig, n: int = 1) -> list[Request]:
+        """n engine requests for one prompt; with a seed, choice i samples with seed + i (distinct, reproducible)."""
+        out = []
+        for i in range(n):
+            cfg = config if config.seed is None or i == 0 else config.replace(seed=config.seed + i)
+            out.append(self.engine.request(prompt_ids, cfg, incremental=True))
+        return out
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+
+def get_service(request: HTTPRequest) -> ModelService:
+    """The app's loaded model; 503 while it is still loading (or failed to)."""
+    state = request.app.state
+    service = getattr(state, "service", None)
+    if service is not None:
+        return service
+    failed = getattr(state, "load_error", None)
+    message = (f"the model failed to load: {failed}" if failed is not None
+               else "the model is still loading; retry shortly (GET /health answers 200 once it is ready)")
+    raise APIError(503, message, type="service_unavailable", code="model_loading", headers={"Retry-After": "1"})
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its reply was being generated."""
+
+
+class Run:
+    """The jobs of one HTTP request, with their events delivered into this event loop."""
+
+    def __init__(self, scheduler: Scheduler, requests: list[Request]):
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._scheduler = scheduler
+
+        def deliver(job: Job, kind: str, text: str) -> None:  # on the scheduler thread
+            loop.call_soon_threadsafe(self._queue.put_nowait, (job, kind, text))
+
+        self.jobs = scheduler.submit(requests, deliver)
+        self._index = {id(j): i for i, j in enumerate(self.jobs)}
+
+    async def events(self, disconnect: Optional[asyncio.Future] = None) -> AsyncIterator[tuple[int, str, str]]:
+        """(choice index, "text" | "end", text) until every job has ended; ClientGone if `disconnect` fires first."""
+        remaining = len(self.jobs)
+        while remaining:
+            if disconnect is None:
+                job, kind, text = await self._queue.get()
+            else:
+                get = asyncio.ensure_future(self._queue.get())
+                await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    raise ClientGone()
+                job, kind, text = get.result()
+            if kind == "end":
+                remaining -= 1
+            yield self._index[id(job)], kind, text
+
+    def cancel(self) -> None:
+        """Stop every job that is still going (idempotent)."""
+        for job in self.jobs:
+            self._scheduler.cancel(job)
+
+    def failure(self) -> Optional[str]:
+        return next((j.error for j in self.jobs if j.outcome == "error"), None)
+
+
+def watch_disconnect(request: HTTPRequest) -> asyncio.Task:
+    """A task that finishes when the client disconnects. Start it only after the body has been read."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return asyncio.ensure_future(wait())
+
+
+async def parse_body(request: HTTPRequest, model: type[M]) -> M:
+    """The JSON body checked against `model`; malformed JSON and wrong fields are a 400 naming the field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if not _is_type_tag(p)) or None
+        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param,
+                       code="invalid_value") from None
+
+
+def _is_type_tag(part: Any) -> bool:
+    """pydantic names the member of a Union it tried (`str`, `list[int]`) in an error's location: not a field."""
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list", "dict"}
+                                      or part.startswith("function-"))
+
+
+def json_dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
