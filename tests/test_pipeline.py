@@ -94,3 +94,20 @@ def test_unknown_task_and_model():
         pipeline("summarization")
     with pytest.raises(ChatforgeError, match="unknown model 'nope'"):
         pipeline("conversational", model="nope")
+
+
+def test_int8_pipeline_and_cli_flag(chatty_model_dir):
+    from conftest import run_cli
+
+    from chatforge.quantize import Int8Linear
+
+    chatbot = pipeline("conversational", model=str(chatty_model_dir), quantize="int8", max_new_tokens=8, temperature=1,
+                       seed=0)
+    assert any(isinstance(m, Int8Linear) for m in chatbot.engine.model.modules())
+    assert chatbot("Hello").generated_responses[-1]
+    with pytest.raises(ChatforgeError, match="quantize"):
+        pipeline("fill-mask", model=str(chatty_model_dir), quantize="int8")
+    for verb in (["chat", "--prompt", "Hello"], ["generate", "--prompt", "Hello"]):
+        result = run_cli(*verb, "--model", str(chatty_model_dir), "--quantize", "int8", "--max-new-tokens", "5",
+                         "--temperature", "1", "--seed", "0")
+        assert result.returncode == 0 and result.stdout.strip(), result.stderr

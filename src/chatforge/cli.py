@@ -73,7 +73,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ChatforgeError("no prompt: pass --prompt TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
     generate_text(args.model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device, dtype=args.dtype,
+                  quantize=args.quantize)
     print()
     return 0
 
@@ -84,7 +85,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
                                             "repetition_penalty", "seed")}
     return run_chat(args.model, prompt=args.prompt, system=args.system, device=args.device, dtype=args.dtype,
-                    **options)
+                    quantize=args.quantize, **options)
 
 
 def _sampling_flags(p: argparse.ArgumentParser, defaults: bool) -> None:
@@ -97,6 +98,9 @@ def _sampling_flags(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: the checkpoint's own; bf16 on CUDA)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weight-only linear layers: a quarter of the fp32 weight memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint directory, Hugging Face id, or chatforge-demo")
     p.add_argument("--prompt", default=None, help="one message: print the reply and exit (for scripts)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--dtype", default=None, help="fp32 or bf16")
     _sampling_flags(p, defaults=False)
     p.set_defaults(func=cmd_chat)
 

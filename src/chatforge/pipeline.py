@@ -94,8 +94,10 @@ TASKS = {"conversational": ConversationalPipeline, "chat": ConversationalPipelin
 
 
 def pipeline(task: str = "conversational", model: Optional[str] = None, *, device: str = "auto",
-             dtype: Optional[str] = None, **generate_kwargs: Any) -> Pipeline:
+             dtype: Optional[str] = None, quantize: Optional[str] = None, **generate_kwargs: Any) -> Pipeline:
     """A ready-to-call pipeline for `task` with `model` (a checkpoint dir, HF id, or the demo model).
+
+    quantize="int8" runs the generation tasks with int8 weight-only linear layers.
 
     Keyword arguments such as max_new_tokens=64 or temperature=0 become the defaults of every call.
     """
@@ -103,8 +105,10 @@ def pipeline(task: str = "conversational", model: Optional[str] = None, *, devic
     if task not in TASKS and task not in extra:
         raise ChatforgeError(f"unknown task {task!r}; choose one of: {', '.join([*TASKS, *extra])}")
     if task in extra:
+        if quantize:
+            raise ChatforgeError(f"quantize is for the generation tasks; {task!r} runs in full precision")
         return extra[task](model, device=device, dtype=dtype, **generate_kwargs)
-    model_obj, tokenizer = load(model, device=device, dtype=dtype)
+    model_obj, tokenizer = load(model, device=device, dtype=dtype, quantize=quantize)
     engine = Engine(model_obj, tokenizer)
     base = GenerationConfig(max_new_tokens=256, temperature=0.7, top_p=0.95) if TASKS[task] is ConversationalPipeline \
         else GenerationConfig(max_new_tokens=64, temperature=0.8)

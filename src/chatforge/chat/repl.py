@@ -165,13 +165,13 @@ class Repl:
 
 
 def run_chat(model: Optional[str] = None, *, prompt: Optional[str] = None, system: Optional[str] = None,
-             device: str = "auto", dtype: Optional[str] = None, **options) -> int:
+             device: str = "auto", dtype: Optional[str] = None, quantize: Optional[str] = None, **options) -> int:
     """The `chatforge chat` verb: a REPL, or with `prompt` one reply printed to stdout."""
     from ..engine import Engine
     from ..loader import load
     from ..pipeline import generation_options
 
-    model_obj, tokenizer = load(model, device=device, dtype=dtype)
+    model_obj, tokenizer = load(model, device=device, dtype=dtype, quantize=quantize)
     chat = ChatModel(Engine(model_obj, tokenizer))
     config = chat.defaults.replace(**generation_options(options))
     repl = Repl(chat, config, system=system)

@@ -404,7 +404,8 @@ class Engine:
 
 def generate_text(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: Optional[int] = None, top_p: float = 1.0, seed: Optional[int] = None,
-                  device: str = "auto", stream: bool = True, out: Optional[TextIO] = None) -> Generation:
+                  device: str = "auto", dtype: Optional[str] = None, quantize: Optional[str] = None,
+                  stream: bool = True, out: Optional[TextIO] = None) -> Generation:
     """`chatforge generate`: load a model, continue `prompt`, write the continuation to `out` (stdout).
 
     With stream=True each piece is written (and flushed) as soon as it is final.
@@ -416,8 +417,9 @@ def generate_text(model_dir: str, prompt: str, *, max_new_tokens: int = 200, tem
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed)
     dev = pick_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" and bf16_supported(dev) else None
-    model, tokenizer = load(model_dir, device=dev, dtype=dtype)
+    if dtype is None and dev.type == "cuda" and bf16_supported(dev):
+        dtype = "bf16"
+    model, tokenizer = load(model_dir, device=dev, dtype=dtype, quantize=quantize)
     engine = Engine(model, tokenizer)
     ids = tokenizer.encode(prompt)
     if not ids:  # nothing to continue from: start a fresh document
