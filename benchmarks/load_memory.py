@@ -44,7 +44,9 @@ print(json.dumps({"added": peak - base, "weights": weights, "after": status("VmR
 """
 
 
-def build(root: Path, preset: str) -> dict[str, Path]:
+def build(root: Path, preset: str, formats: tuple[str, ...] = ("chatforge", "hf-safetensors", "hf-bin")
+          ) -> dict[str, Path]:
+    """A random model of `preset` saved under root in each of `formats` (hf-bin needs hf-safetensors)."""
     import torch
 
     from chatforge.checkpoint import save_checkpoint
@@ -60,8 +62,12 @@ def build(root: Path, preset: str) -> dict[str, Path]:
     with torch.no_grad():
         model = Transformer(ModelConfig.preset(preset))
     paths = {"chatforge": root / "chatforge", "hf-safetensors": root / "hf", "hf-bin": root / "hf-bin"}
-    save_checkpoint(paths["chatforge"], model, tok)
-    export_hf(model, paths["hf-safetensors"], tokenizer=tok)
+    if "chatforge" in formats:
+        save_checkpoint(paths["chatforge"], model, tok)
+    if "hf-safetensors" in formats or "hf-bin" in formats:
+        export_hf(model, paths["hf-safetensors"], tokenizer=tok)
+    if "hf-bin" not in formats:
+        return {f: paths[f] for f in formats}
     binary = paths["hf-bin"]
     binary.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -86,7 +92,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build(Path(tmp), args.preset)
+        paths = build(Path(tmp), args.preset, tuple(args.formats.split(",")))
         print(f"{'format':<16}{'dtype':<7}{'weights MB':>11}{'peak added MB':>15}{'ratio':>8}{'kept MB':>9}")
         for fmt in args.formats.split(","):
             for dtype in args.dtypes.split(","):

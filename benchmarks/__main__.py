@@ -1,0 +1,130 @@
+"""python -m benchmarks [--quick] [--only B1,B1-converge,B2,B3,B4,B5,compile] [--threads N] [--rounds N]
+
+Runs the benchmarks side by side with their peers, prints the ratios, merges the results into
+benchmarks/results/latest.json and renders docs/benchmarks.md from it (both paths can be changed).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import report
+from .common import ROOT, load_average, machine
+
+ALL = ("B1", "B1-converge", "B2", "B3", "B4", "B5", "compile")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description="chatforge vs its peers, side by side")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and one round: a smoke test of the runner")
+    p.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: torch's)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions per measurement (medians)")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "latest.json"), help="results file")
+    p.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown report to write")
+    p.add_argument("--fresh", action="store_true", help="do not merge with the results already in --json")
+    args = p.parse_args(argv)
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = [x for x in args.only if x not in ALL]
+    if unknown:
+        p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
+    return args
+
+
+def run_selected(args: argparse.Namespace) -> dict[str, dict]:
+    """{benchmark: result} for the selected benchmarks, each with its timing and the machine's load."""
+    results: dict[str, dict] = {}
+
+    def record(name: str, result: dict, started: float, load: Optional[float]) -> None:
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        result["load_average_before"] = None if load is None else round(load, 2)
+        results[name] = result
+        print(report.summary_line(name, result), flush=True)
+
+    if {"B1", "B1-converge"} & set(args.only):
+        from . import training
+
+        with training.shards(args.quick) as (data_dir, vocab):
+            if "B1" in args.only:
+                t0, load = time.perf_counter(), load_average()
+                record("B1", training.speed(data_dir, vocab, quick=args.quick, rounds=min(args.rounds, 3)), t0, load)
+            if "B1-converge" in args.only:
+                t0, load = time.perf_counter(), load_average()
+                record("B1-converge", training.converge(data_dir, vocab, quick=args.quick), t0, load)
+    if {"B2", "B3"} & set(args.only):
+        from . import inference
+
+        t0, load = time.perf_counter(), load_average()
+        both = inference.run(quick=args.quick, rounds=args.rounds)
+        for name in ("B2", "B3"):
+            if name in args.only:
+                record(name, both[name], t0, load)
+    if "B4" in args.only:
+        t0, load = time.perf_counter(), load_average()
+        try:
+            serve_load = importlib.import_module(f"{__package__}.serve_load")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.serve_load":
+                raise
+            record("B4", {"skipped": "benchmarks/serve_load.py is not here yet"}, t0, load)
+        else:
+            record("B4", serve_load.run(quick=args.quick), t0, load)
+    if "B5" in args.only:
+        from . import memory
+
+        t0, load = time.perf_counter(), load_average()
+        record("B5", memory.run(quick=args.quick, threads=torch.get_num_threads()), t0, load)
+    if "compile" in args.only:
+        from . import compile_check
+
+        t0, load = time.perf_counter(), load_average()
+        record("compile", compile_check.run(quick=args.quick), t0, load)
+    return results
+
+
+def merge(path: Path, new: dict, fresh: bool) -> dict:
+    """The results file with `new`'s benchmarks replaced (others kept from earlier runs)."""
+    data: dict = {"results": {}}
+    if path.is_file() and not fresh:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            data = {"results": {}}
+    data.setdefault("results", {}).update(new)
+    return data
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    info = machine()
+    print(f"{info['cpu']} | {info['cores']} cores | torch {info['versions']['torch']} | "
+          f"{info['torch_threads']} threads | running {', '.join(args.only)}", flush=True)
+    stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    results = run_selected(args)
+    for result in results.values():
+        result.update({"command": command.strip(), "when": stamp, "machine": info, "quick": args.quick})
+    json_path = Path(args.json)
+    data = merge(json_path, results, args.fresh)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    from chatforge.utils import atomic_write_text
+
+    atomic_write_text(json_path, json.dumps(data, indent=1, default=float) + "\n")
+    atomic_write_text(Path(args.markdown), report.markdown(data))
+    print(f"wrote {json_path} and {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""B2 decoding and B3 prefill: chatforge's Engine against transformers' generate() on one model.
+
+B2: batch-1 greedy decoding, a 32-token prompt and 128 new tokens, GPT-Neo-125M shape with random
+weights; chatforge and GPTNeoForCausalLM (built from the same weights) in fp32 and bf16, plus
+chatforge's int8 weight-only mode. tokens/s = new tokens / wall time of the whole call (prefill
+included, as a user waits for it). Each figure is also given as a share of its memory-bandwidth
+bound: bandwidth (measured in the same run) / bytes of weights read per token.
+
+B3: time to first token for a 512-token prompt, the same models.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+
+from chatforge.engine import Engine
+from chatforge.quantize import quantize_model, weight_bytes
+
+from .common import TokenIds, hf_peer, interleaved, median, memory_bandwidth, preset, spread
+
+
+def _config(quick: bool):
+    if quick:  # GPT-Neo's layout (local/global layers, learned positions) at a toy size
+        return preset("gpt-neo-125m", n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=256,
+                      sliding_window=16, local_layers=[1])
+    return preset("gpt-neo-125m")
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes a decoding step reads: every weight except the embedding tables (one row each is read)."""
+    skip = set()
+    for name in ("wte", "wpe"):
+        module = getattr(model, name, None)
+        if module is not None and not (name == "wte" and model.config.tie_embeddings):
+            skip.update(id(t) for t in list(module.parameters()) + list(module.buffers()))
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in skip or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def build_contenders(quick: bool) -> tuple[dict, dict]:
+    """{name: (kind, model)} for chatforge fp32/bf16/int8 and the peer's fp32/bf16, all from one set of weights."""
+    torch.manual_seed(0)
+    config = _config(quick)
+    from chatforge.model import Transformer
+
+    base = Transformer(config).eval()
+    models = {
+        "chatforge fp32": ("chatforge", base),
+        "transformers fp32": ("hf", hf_peer(base, torch.float32)),
+        "chatforge bf16": ("chatforge", copy.deepcopy(base).to(torch.bfloat16)),
+        "transformers bf16": ("hf", hf_peer(base, torch.bfloat16)),
+        "chatforge int8": ("chatforge", quantize_model(copy.deepcopy(base), dtype=torch.bfloat16)),
+    }
+    info = {name: {"weight_bytes_per_token": decode_weight_bytes(m) if kind == "chatforge" else
+                   decode_weight_bytes(models[name.replace("transformers", "chatforge")][1]),
+                   "model_bytes": weight_bytes(m)}
+            for name, (kind, m) in models.items()}
+    return models, info
+
+
+def generator(kind: str, model, prompt: list[int], new_tokens: int) -> Callable[[], list[int]]:
+    """A call that greedily continues `prompt` by exactly `new_tokens` tokens, as each library does it."""
+    if kind == "chatforge":
+        engine = Engine(model, TokenIds(model.config.vocab_size))
+
+        def run() -> list[int]:
+            [g] = engine.generate(prompt, max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=[])
+            return g.token_ids
+        return run
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+
+    def run_hf() -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)
+        return out[0, len(prompt):].tolist()
+    return run_hf
+
+
+def run(quick: bool = False, rounds: int = 5) -> dict:
+    """B2 and B3 together (they share the models); returns both sections."""
+    models, info = build_contenders(quick)
+    vocab = _config(quick).vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompt_len, new_tokens, long_len = (8, 16, 64) if quick else (32, 128, 512)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+    long_prompt = torch.randint(0, vocab, (long_len,), generator=g).tolist()
+    rounds = 1 if quick else rounds
+
+    decode = {name: generator(kind, m, prompt, new_tokens) for name, (kind, m) in models.items()}
+    prefill = {name: generator(kind, m, long_prompt, 1) for name, (kind, m) in models.items()}
+    tokens = {name: fn() for name, fn in decode.items()}  # warm-up, and the greedy tokens to compare
+    for fn in prefill.values():
+        fn()
+    bandwidths: list[float] = []
+    probe = lambda: bandwidths.append(memory_bandwidth(256 if quick else 1024))  # noqa: E731
+    decode_times = interleaved(decode, rounds, between=probe)
+    prefill_times = interleaved(prefill, max(rounds, 3))
+    bandwidth = median(bandwidths)
+
+    b2 = {"shape": "test-neo" if quick else "gpt-neo-125m", "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+          "rounds": rounds, "bandwidth_GBps": bandwidth / 1e9, "rows": {}}
+    for name, times in decode_times.items():
+        tps = new_tokens / median(times)
+        bound = bandwidth / info[name]["weight_bytes_per_token"]
+        b2["rows"][name] = {"tokens_per_s": tps, "bound_tokens_per_s": bound, "pct_of_bound": 100 * tps / bound,
+                            "spread": spread(times), **info[name]}
+    rows = b2["rows"]
+    best = lambda prefix: max((r["tokens_per_s"], n) for n, r in rows.items() if n.startswith(prefix))  # noqa: E731
+    cf_best, hf_best = best("chatforge"), best("transformers")
+    b2["ratios"] = {
+        "fp32": rows["chatforge fp32"]["tokens_per_s"] / rows["transformers fp32"]["tokens_per_s"],
+        "bf16": rows["chatforge bf16"]["tokens_per_s"] / rows["transformers bf16"]["tokens_per_s"],
+        "fastest": cf_best[0] / hf_best[0],
+    }
+    b2["fastest"] = {"chatforge": cf_best[1], "transformers": hf_best[1],
+                     "chatforge_pct_of_bound": rows[cf_best[1]]["pct_of_bound"]}
+    ref = tokens["transformers fp32"]
+    b2["greedy_tokens_equal_to_peer"] = {
+        "fp32": tokens["chatforge fp32"] == ref,
+        "bf16_first_16": tokens["chatforge bf16"][:16] == tokens["transformers bf16"][:16],
+    }
+
+    b3 = {"shape": b2["shape"], "prompt_tokens": long_len, "rows": {}}
+    for name, times in prefill_times.items():
+        b3["rows"][name] = {"ttft_s": median(times), "spread": spread(times)}
+    cf_fast = min((r["ttft_s"], n) for n, r in b3["rows"].items() if n.startswith("chatforge"))
+    hf_fast = min((r["ttft_s"], n) for n, r in b3["rows"].items() if n.startswith("transformers"))
+    b3["ratios"] = {
+        "fp32": b3["rows"]["transformers fp32"]["ttft_s"] / b3["rows"]["chatforge fp32"]["ttft_s"],
+        "bf16": b3["rows"]["transformers bf16"]["ttft_s"] / b3["rows"]["chatforge bf16"]["ttft_s"],
+        "fastest": hf_fast[0] / cf_fast[0],
+    }
+    b3["fastest"] = {"chatforge": cf_fast[1], "transformers": hf_fast[1]}
+    return {"B2": b2, "B3": b3}

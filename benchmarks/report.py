@@ -1,0 +1,196 @@
+"""Turn benchmark results into one printed line each and the Markdown of docs/benchmarks.md."""
+from __future__ import annotations
+
+from typing import Optional
+
+TARGETS = {
+    "B1": "chatforge trains at >= 2x the tokens/s of GPT2LMHeadModel at the same shape",
+    "B1-converge": "chatforge reaches val loss 1.88 in <= 1/3 of the nanoGPT recipe's wall time",
+    "B2": "fp32 >= 1.5x generate(); fastest mode >= 3x generate()'s fastest and >= 70% of its bandwidth bound",
+    "B3": ">= 2x generate()'s fastest prefill",
+    "B4": "8 clients >= 4x the tokens/s of 1 client, no failed request",
+    "B5": "int8 peak memory <= 0.35x fp32's",
+    "compile": "torch.compile used only where it pays; compiled equal to eager",
+}
+
+
+def _x(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def summary_line(name: str, result: dict) -> str:
+    if "skipped" in result:
+        return f"{name}: skipped ({result['skipped']})"
+    ratios = result.get("ratios") or {}
+    parts = [f"{k} {_x(v) if isinstance(v, (int, float)) or v is None else v}" for k, v in ratios.items()]
+    return f"{name}: " + ("; ".join(parts) if parts else "done") + f"  [{result.get('seconds', '?')} s]"
+
+
+# --- Markdown ------------------------------------------------------------------------------------
+
+def markdown(data: dict) -> str:
+    results = data.get("results", {})
+    out = ["# Benchmarks", "",
+           "chatforge against its peers, measured side by side in one process and one run: the peer gets the",
+           "same shapes, weights, data, batch, precision and optimizer; contenders are interleaved round by",
+           "round so that load from other processes hits them alike, and each figure is a median. Ratios are",
+           "the result; absolute times move with the machine's load (the `spread` column is (max - min) /",
+           "median over the rounds). Regenerate with `python -m benchmarks` (or `--only B2,B3`); this file",
+           "is written from `benchmarks/results/latest.json`.", ""]
+    out += _machine(results)
+    out += ["## Targets", "", "| benchmark | target | result |", "| --- | --- | --- |"]
+    for name, target in TARGETS.items():
+        out.append(f"| {name} | {target} | {_verdict(name, results.get(name))} |")
+    out.append("")
+    for name, render in (("B1", _b1), ("B1-converge", _b1c), ("B2", _b2), ("B3", _b3), ("B4", _b4), ("B5", _b5),
+                         ("compile", _compile)):
+        r = results.get(name)
+        out.append(f"## {name}: {_TITLES[name]}")
+        out.append("")
+        if r is None:
+            out += ["Not run yet.", ""]
+            continue
+        if "skipped" in r:
+            out += [f"Skipped: {r['skipped']}.", ""]
+            continue
+        out += render(r)
+        out += [f"Command: `{r.get('command', '?')}` ({r.get('when', '?')}, {r.get('seconds', '?')} s, "
+                f"load average before {r.get('load_average_before')}, torch threads "
+                f"{r.get('machine', {}).get('torch_threads')}{', QUICK sizes' if r.get('quick') else ''}).", ""]
+    return "\n".join(out) + "\n"
+
+
+_TITLES = {"B1": "training tokens/s", "B1-converge": "wall time to validation loss 1.88",
+           "B2": "batch-1 decoding", "B3": "prefill (time to first token)", "B4": "serving load",
+           "B5": "peak memory to load and generate", "compile": "torch.compile, measured"}
+
+
+def _machine(results: dict) -> list[str]:
+    info = next((r["machine"] for r in results.values() if "machine" in r), None)
+    if info is None:
+        return []
+    v = info["versions"]
+    return ["## Machine", "",
+            f"- CPU: {info['cpu']}, {info['cores']} cores (AVX-512: {info['avx512']}, AMX: {info['amx']}, "
+            f"native bf16: {info['bf16_native']}); torch threads: {info['torch_threads']}",
+            f"- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
+            f"numpy {v['numpy']}, chatforge {v['chatforge']}",
+            f"- OS: {info['os']}", ""]
+
+
+def _verdict(name: str, r: Optional[dict]) -> str:
+    if r is None:
+        return "not run"
+    if "skipped" in r:
+        return "skipped"
+    ratios = r.get("ratios", {})
+    if name == "B1":
+        return f"{_x(ratios.get('fastest/fastest'))} fastest vs fastest; {_x(ratios.get('gpt2-layout best/best'))} same layout"
+    if name == "B1-converge":
+        f = ratios.get("wall_time_fraction")
+        return "target not reached by a run" if f is None else f"{f:.2f} of the nanoGPT recipe's wall time"
+    if name == "B2":
+        return (f"fp32 {_x(ratios.get('fp32'))}, bf16 {_x(ratios.get('bf16'))}, fastest {_x(ratios.get('fastest'))}; "
+                f"fastest at {r['fastest']['chatforge_pct_of_bound']:.0f}% of its bound")
+    if name == "B3":
+        return f"fastest {_x(ratios.get('fastest'))} (fp32 {_x(ratios.get('fp32'))}, bf16 {_x(ratios.get('bf16'))})"
+    if name == "B5":
+        return (f"int8/fp32 peak {ratios.get('int8/fp32 peak (largest)', 0):.2f}, added "
+                f"{ratios.get('int8/fp32 added (largest)', 0):.2f} (largest shape)")
+    if name == "compile":
+        return (f"decode {_x(ratios.get('decode speedup'))}, training {_x(ratios.get('train speedup'))} "
+                f"(compiled / eager speed); logits within {r['decode']['max_rel_logit_diff']:.1e} (relative)")
+    if name == "B4":
+        return "; ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ratios.items()) or "see below"
+    return ""
+
+
+def _b1(r: dict) -> list[str]:
+    out = []
+    for shape, s in r["shapes"].items():
+        out += [f"Shape: {shape}; {r['steps_per_timing']} optimizer steps per timing, {r['rounds']} rounds.", "",
+                "| contender | tokens/s | spread |", "| --- | ---: | ---: |"]
+        out += [f"| {n} | {row['tokens_per_s']:.0f} | {row['spread']:.2f} |" for n, row in s["rows"].items()]
+        out += ["", "| ratio (chatforge / GPT2LMHeadModel) | value |", "| --- | ---: |"]
+        out += [f"| {k} | {_x(v)} |" for k, v in s["ratios"].items()]
+        out.append("")
+    return out
+
+
+def _b1c(r: dict) -> list[str]:
+    out = [f"Validation loss on {r['eval_batches']} fixed batches every {r['eval_every']} steps; "
+           f"target {r['target_val_loss']}; training time only (evaluations off the clock).", "",
+           "| recipe | steps to target | seconds to target | final step | final val loss | final seconds |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for n, row in r["rows"].items():
+        st = row["steps_to_target"]
+        sec = row["seconds_to_target"]
+        out.append(f"| {n} | {st if st is not None else 'not reached'} | "
+                   f"{f'{sec:.1f}' if sec is not None else '-'} | {row['final_step']} | "
+                   f"{row['final_val_loss']:.4f} | {row['final_seconds']:.1f} |")
+    f = r["ratios"].get("wall_time_fraction")
+    out += ["", f"chatforge's wall time as a fraction of the nanoGPT recipe's: {'n/a' if f is None else f'{f:.2f}'}", ""]
+    return out
+
+
+def _b2(r: dict) -> list[str]:
+    out = [f"Shape {r['shape']}, {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, greedy, batch 1, "
+           f"{r['rounds']} rounds. Memory read bandwidth measured in the run: {r['bandwidth_GBps']:.1f} GB/s. "
+           "tokens/s = new tokens / wall time of the whole call.", "",
+           "| contender | tokens/s | bound tokens/s | % of bound | weight MB read per token | spread |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for n, row in r["rows"].items():
+        out.append(f"| {n} | {row['tokens_per_s']:.1f} | {row['bound_tokens_per_s']:.1f} | {row['pct_of_bound']:.0f}% | "
+                   f"{row['weight_bytes_per_token'] / 2**20:.0f} | {row['spread']:.2f} |")
+    ratios = r["ratios"]
+    out += ["", "| ratio (chatforge / generate()) | value |", "| --- | ---: |",
+            f"| fp32 | {_x(ratios['fp32'])} |", f"| bf16 | {_x(ratios['bf16'])} |",
+            f"| fastest ({r['fastest']['chatforge']}) / fastest ({r['fastest']['transformers']}) | "
+            f"{_x(ratios['fastest'])} |", "",
+            f"Greedy tokens equal to the peer's: {r['greedy_tokens_equal_to_peer']}.", ""]
+    return out
+
+
+def _b3(r: dict) -> list[str]:
+    out = [f"Shape {r['shape']}, {r['prompt_tokens']}-token prompt, time until the first new token.", "",
+           "| contender | time to first token (s) | spread |", "| --- | ---: | ---: |"]
+    out += [f"| {n} | {row['ttft_s']:.3f} | {row['spread']:.2f} |" for n, row in r["rows"].items()]
+    ratios = r["ratios"]
+    out += ["", "| ratio (generate() time / chatforge time) | value |", "| --- | ---: |",
+            f"| fp32 | {_x(ratios['fp32'])} |", f"| bf16 | {_x(ratios['bf16'])} |",
+            f"| fastest ({r['fastest']['chatforge']}) vs fastest ({r['fastest']['transformers']}) | "
+            f"{_x(ratios['fastest'])} |", ""]
+    return out
+
+
+def _b4(r: dict) -> list[str]:
+    import json
+
+    return ["```json", json.dumps({k: v for k, v in r.items() if k not in ("machine",)}, indent=1, default=str),
+            "```", ""]
+
+
+def _b5(r: dict) -> list[str]:
+    out = ["Fresh process per row: load, then 16 greedy tokens. `peak` is VmHWM; `added` is the peak minus the",
+           "resident memory after importing torch and chatforge.", "",
+           "| shape | mode | peak MB | added MB | peak after load MB |", "| --- | --- | ---: | ---: | ---: |"]
+    for shape, s in r["shapes"].items():
+        for mode, row in s["rows"].items():
+            out.append(f"| {shape} | {mode} | {row['peak'] / 2**20:.0f} | {row['added'] / 2**20:.0f} | "
+                       f"{row['peak_after_load'] / 2**20:.0f} |")
+    out += ["", "| shape | int8/fp32 peak | int8/fp32 added | bf16/fp32 peak |", "| --- | ---: | ---: | ---: |"]
+    out += [f"| {shape} | {s['int8_over_fp32_peak']:.2f} | {s['int8_over_fp32_added']:.2f} | "
+            f"{s['bf16_over_fp32_peak']:.2f} |" for shape, s in r["shapes"].items()]
+    out.append("")
+    return out
+
+
+def _compile(r: dict) -> list[str]:
+    d, t = r["decode"], r["train"]
+    return ["| what | compile s | eager ms/step | compiled ms/step | compiled speed-up | largest difference |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
+            f"| decode step (B2 model, fp32) | {d['compile_s']:.0f} | {d['eager_ms_per_step']:.1f} | "
+            f"{d['compiled_ms_per_step']:.1f} | {_x(d['speedup'])} | logits {d['max_abs_logit_diff']:.1e} abs, "
+            f"{d['max_rel_logit_diff']:.1e} rel |",
+            f"| training step (nano, recipe layout, fp32) | {t['compile_s']:.0f} | {t['eager_ms_per_step']:.1f} | "
+            f"{t['compiled_ms_per_step']:.1f} | {_x(t['speedup'])} | loss {t['max_abs_loss_diff']:.1e} |", ""]
