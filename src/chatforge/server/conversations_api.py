@@ -177,8 +177,9 @@ async def reply(request: HTTPRequest, cid: str) -> StreamingResponse:
         disconnect = watch_disconnect(request)
         try:
             yield _event({"type": "start", "prompt_tokens": len(prompt_ids), "dropped_messages": dropped})
-            async for _, kind, text in run.events(disconnect):
-                if kind == "text":
+            async for burst in run.bursts(disconnect):
+                text = "".join(t for _, kind, t in burst if kind == "text")
+                if text:
                     pieces.append(text)
                     yield _event({"type": "delta", "text": text})
             if job.outcome == "error":

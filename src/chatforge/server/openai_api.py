@@ -67,6 +67,7 @@ class SamplingFields(StrictBody):
     presence_penalty: Optional[float] = None
     logprobs: Optional[Union[bool, int]] = None
     logit_bias: Optional[dict[str, float]] = None
+    ignore_eos: bool = False  # chatforge (and vLLM): the end-of-turn token does not end the reply; for benchmarks
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -132,6 +133,8 @@ def generation_config(body: SamplingFields, service: ModelService, max_tokens: O
     cfg = service.chat.defaults.replace(  # unset fields: the model's chat defaults (temperature 0.7, top_p 0.95)
         max_new_tokens=max_tokens or min(default_max_tokens, service.max_tokens_cap), stop=_stops(body.stop),
         **{k: v for k, v in values.items() if v is not None})
+    if body.ignore_eos:
+        cfg = cfg.replace(stop_token_ids=[])
     return service.chat.config(cfg)  # adds the fallback template's turn-boundary stops
 
 
@@ -254,11 +257,14 @@ def stream(request: HTTPRequest, run: Run, reply: Reply, include_usage: bool) ->
             first = [reply.chunk_choice(i, None if reply.kind == "chat" else "", None, first=True)
                      for i in range(len(run.jobs))]
             yield event(first, dropped_messages=reply.dropped)
-            async for index, kind, text in run.events(disconnect):
-                if kind == "text":
-                    yield event([reply.chunk_choice(index, text, None)])
-                elif run.jobs[index].outcome != "error":
-                    yield event([reply.chunk_choice(index, None, _finish_reason(run.jobs[index].outcome))])
+            async for burst in run.bursts(disconnect):  # one write per burst of ready events
+                out = []
+                for index, kind, text in burst:
+                    if kind == "text":
+                        out.append(event([reply.chunk_choice(index, text, None)]))
+                    elif run.jobs[index].outcome != "error":
+                        out.append(event([reply.chunk_choice(index, None, _finish_reason(run.jobs[index].outcome))]))
+                yield "".join(out)
             failure = run.failure()
             if failure:
                 yield sse_error(RuntimeError(failure))

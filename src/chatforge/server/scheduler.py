@@ -71,6 +71,7 @@ class Scheduler:
         self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._state: Optional[DecodeState] = None
         self._stopping = False
+        self._flush_hooks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="chatforge-scheduler", daemon=True)
         self.metrics.bind(lambda: self.queue_depth, lambda: self.active)
 
@@ -86,6 +87,15 @@ class Scheduler:
     @property
     def active(self) -> int:
         return len(self._active)
+
+    def add_flush_hook(self, flush: Callable[[], None]) -> None:
+        """Call `flush()` whenever a burst of events is out (after each step, cancellation or failure):
+        consumers may batch the events they receive until then."""
+        self._flush_hooks.append(flush)
+
+    def _flush(self) -> None:
+        for flush in self._flush_hooks:
+            flush()
 
     def submit(self, requests: list[Request], on_event: EventCallback) -> list[Job]:
         """Queue these requests (all or none) and return their jobs; QueueFullError when there is no room."""
@@ -115,6 +125,7 @@ class Scheduler:
                 self._waiting.remove(job)
                 self._finish(job)
             self._cond.notify()
+        self._flush()
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run fn on the model's thread between two decode steps; its result comes back in the future."""
@@ -142,6 +153,7 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     self._shut_down()
+                    self._flush()
                     return
                 calls, self._calls = self._calls, []
                 admitted = self._admit()
@@ -156,6 +168,7 @@ class Scheduler:
             except Exception as e:  # a bug or out of memory: fail this batch, keep serving the next
                 log.exception("the decode step failed; ending the %d generations in the batch", len(self._active))
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+            self._flush()
 
     def _admit(self) -> list[Job]:
         """Move waiting jobs into free batch slots (called with the lock held)."""
