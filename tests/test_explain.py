@@ -142,6 +142,19 @@ def test_engine_trace_in_a_padded_batch_matches_each_prompt_alone(tok):
     assert engine.generate(prompts, config)[0].trace is None  # the normal path records nothing
 
 
+def test_only_traced_generation_takes_the_explicit_attention_path(tok, monkeypatch):
+    from chatforge.model import Attention
+
+    calls = []
+    explicit = Attention._explicit
+    monkeypatch.setattr(Attention, "_explicit", lambda self, *args: calls.append(1) or explicit(self, *args))
+    engine, prompts = Engine(decoder(tok), tok), [ids_of(tok, "the"), ids_of(tok, "a dog")]
+    normal = engine.generate(prompts, temperature=0, max_new_tokens=4, stop_token_ids=[])
+    assert calls == [] and all(g.trace is None for g in normal)
+    traced = engine.generate(prompts, temperature=0, max_new_tokens=4, stop_token_ids=[], trace=True)
+    assert len(calls) == 3 * 4 and [g.token_ids for g in traced] == [g.token_ids for g in normal]  # 3 layers x 4 steps
+
+
 def test_inspect_reply_is_json_and_matches_the_model(tok):
     model = decoder(tok)
     prompt, reply = ids_of(tok, "the fox"), ids_of(tok, " jumps")

@@ -56,7 +56,7 @@ class Attribution:
     def html_page(self) -> str:
         return (f"<!doctype html><meta charset='utf-8'><title>attribution</title>"
                 f"<body style='font-family:sans-serif;max-width:900px;margin:2em auto'>"
-                f"<h3>Why &ldquo;{html.escape(self.target)}&rdquo; (p = {self.prob:.3f})</h3>"
+                f"<h3>Why &ldquo;{html.escape(self.target)}&rdquo; (p = {self.prob:.3g})</h3>"
                 f"<p>{html.escape(self.method)}: red tokens pushed towards it, blue against it.</p>"
                 f"{self.html()}</body>")
 
@@ -71,7 +71,7 @@ class Attribution:
         for label, s in zip(ax.get_xticklabels(), self.scores):
             rgb = [c / 255 for c in (_RED if s >= 0 else _BLUE)]
             label.set_bbox(dict(facecolor=(*rgb, self._strength(s)), edgecolor="none", pad=1.5))
-        ax.set_title(f"{self.method} for “{self.target}” (p = {self.prob:.3f})", fontsize=10)
+        ax.set_title(f"{self.method} for “{self.target}” (p = {self.prob:.3g})", fontsize=10)
         ax.set_ylabel("attribution")
         return save_figure(fig, path)
 

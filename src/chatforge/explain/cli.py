@@ -91,7 +91,7 @@ def _attribution(model, tok, args, out: str) -> int:
         print(json.dumps(a.to_dict(), ensure_ascii=False))
     else:
         peak = max(abs(s) for s in a.scores) or 1.0
-        print(f"why {a.target!r} (p = {a.prob:.3f}), {a.method}:")
+        print(f"why {a.target!r} (p = {a.prob:.3g}), {a.method}:")
         for label, score in zip(a.labels, a.scores):
             bar = ("+" if score >= 0 else "-") * round(20 * abs(score) / peak)
             print(f"  {label[:16]:<16}{score:+10.4f}  {bar}")

@@ -16,15 +16,28 @@ from ..utils import atomic_write_bytes
 _VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTES = _byte_level_alphabet()
+
+
 def display_token(tokenizer, token_id: int) -> str:
     """One token as a short readable label: spaces as ␣, newlines as ↵, tabs as ⇥.
 
-    A byte-level token that is only part of a UTF-8 character decodes to U+FFFD; its vocabulary
-    string is shown instead, so every token keeps a distinct label.
+    A byte-level token that holds only part of a UTF-8 character (which decodes to U+FFFD) shows
+    its bytes instead, e.g. ␣\xe6, so every token keeps a distinct, honest label.
     """
     text = tokenizer.decode([int(token_id)])
     if not text or "\ufffd" in text:
-        text = tokenizer.id_to_token(int(token_id)) or f"<{int(token_id)}>"
+        piece = tokenizer.id_to_token(int(token_id)) or f"<{int(token_id)}>"
+        if all(ch in _BYTES for ch in piece):
+            piece = bytes(_BYTES[ch] for ch in piece).decode("utf-8", errors="backslashreplace")
+        text = piece
     out = []
     for ch in text:
         if ch in _VISIBLE:
@@ -94,13 +107,21 @@ def pick_layer(n_layer: int, layer: Optional[int]) -> int:
 
 # --- figures -------------------------------------------------------------------------------------
 
+# fonts with Chinese, Japanese and Korean glyphs, used for token labels when one is installed
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "Microsoft YaHei",
+             "PingFang SC", "Heiti SC", "SimHei")
+
+
 def pyplot():
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    """matplotlib's pyplot on the Agg backend (no display needed), falling back to a CJK font if one exists."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import font_manager
 
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    plt.rcParams["font.family"] = ["DejaVu Sans", *(f for f in CJK_FONTS if f in installed)]
     return plt
 
 
