@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -40,8 +40,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def run_selected(args: argparse.Namespace) -> dict[str, dict]:
-    """{benchmark: result} for the selected benchmarks, each with its timing and the machine's load."""
+def run_selected(args: argparse.Namespace, save: Callable[[dict[str, dict]], None]) -> dict[str, dict]:
+    """{benchmark: result} for the selected benchmarks, each with its timing and the machine's load;
+    `save` gets the results so far after each one (a late failure loses nothing measured)."""
     results: dict[str, dict] = {}
 
     def record(name: str, result: dict, started: float, load: Optional[float]) -> None:
@@ -49,6 +50,7 @@ def run_selected(args: argparse.Namespace) -> dict[str, dict]:
         result["load_average_before"] = None if load is None else round(load, 2)
         results[name] = result
         print(report.summary_line(name, result), flush=True)
+        save(results)
 
     if {"B1", "B1-converge"} & set(args.only):
         from . import training
@@ -91,16 +93,14 @@ def run_selected(args: argparse.Namespace) -> dict[str, dict]:
     return results
 
 
-def merge(path: Path, new: dict, fresh: bool) -> dict:
-    """The results file with `new`'s benchmarks replaced (others kept from earlier runs)."""
-    data: dict = {"results": {}}
-    if path.is_file() and not fresh:
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            data = {"results": {}}
-    data.setdefault("results", {}).update(new)
-    return data
+def earlier_results(path: Path, fresh: bool) -> dict[str, dict]:
+    """The benchmarks already in the results file: a partial run replaces only its own."""
+    if fresh or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("results", {})
+    except json.JSONDecodeError:
+        return {}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -112,16 +112,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{info['cpu']} | {info['cores']} cores | torch {info['versions']['torch']} | "
           f"{info['torch_threads']} threads | running {', '.join(args.only)}", flush=True)
     stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    results = run_selected(args)
-    for result in results.values():
-        result.update({"command": command.strip(), "when": stamp, "machine": info, "quick": args.quick})
     json_path = Path(args.json)
-    data = merge(json_path, results, args.fresh)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    from chatforge.utils import atomic_write_text
+    earlier = earlier_results(json_path, args.fresh)
 
-    atomic_write_text(json_path, json.dumps(data, indent=1, default=float) + "\n")
-    atomic_write_text(Path(args.markdown), report.markdown(data))
+    def save(results: dict[str, dict]) -> None:
+        from chatforge.utils import atomic_write_text
+
+        for result in results.values():
+            result.update({"command": command.strip(), "when": stamp, "machine": info, "quick": args.quick})
+        data = {"results": {**earlier, **results}}
+        atomic_write_text(json_path, json.dumps(data, indent=1, default=float) + "\n")
+        atomic_write_text(Path(args.markdown), report.markdown(data))
+
+    run_selected(args, save)
     print(f"wrote {json_path} and {args.markdown}")
     return 0
 

@@ -164,10 +164,22 @@ def _b3(r: dict) -> list[str]:
 
 
 def _b4(r: dict) -> list[str]:
+    """benchmarks/serve_load.py's rows as a table (its own keys), anything else as JSON."""
     import json
 
-    return ["```json", json.dumps({k: v for k, v in r.items() if k not in ("machine",)}, indent=1, default=str),
-            "```", ""]
+    rows = r.get("rows")
+    if not rows or not isinstance(rows, list):
+        return ["```json", json.dumps({k: v for k, v in r.items() if k != "machine"}, indent=1, default=str), "```", ""]
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
+    out = [f"Model `{r.get('model')}`, {r.get('tokens_per_request')} tokens per request, "
+           f"{r.get('requests_per_client')} requests per client, {r.get('rounds')} rounds, "
+           f"server threads {r.get('server_threads')}.", "",
+           "| " + " | ".join(keys) + " |", "|" + " ---: |" * len(keys)]
+    out += ["| " + " | ".join(str(row.get(k)) for k in keys) + " |" for row in rows]
+    out += ["", "| ratio | value |", "| --- | ---: |"]
+    out += [f"| {k} | {v} |" for k, v in r.get("ratios", {}).items()]
+    out.append("")
+    return out
 
 
 def _b5(r: dict) -> list[str]:
