@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 from chatforge.checkpoint import save_checkpoint
 from chatforge.config import PRESETS, ModelConfig
@@ -183,11 +183,13 @@ def test_counts_and_bad_input():
         125_000_000, 1_300_000_000, 350_000, 7_000_000_000, 124_439_808, None]
     p = plan("350M", **STATED)
     assert p.model.shape_assumed and abs(count_params(p.model.config) - 350e6) / 350e6 < 0.1
-    for bad, words in (("banana", "cannot read"), ("12", "too few"), (ModelConfig.preset("test"), "batch_size")):
+    for bad, words in (("banana", "cannot read"), ("12", "too few"), (str(ROOT / "README.md"), "cannot read")):
         with pytest.raises(ChatforgeError, match=words):
-            plan(bad, batch_size=0 if words == "batch_size" else 8, **STATED)
-    with pytest.raises(ChatforgeError, match="ram_gb"):
-        plan("test", ram_gb=-1, **STATED)
+            plan(bad, **STATED)
+    for options, words in ((dict(batch_size=0), "batch_size"), (dict(seq_len=0), "seq_len"),
+                           (dict(ram_gb=-1), "ram_gb"), (dict(mfu=2.0), "mfu")):
+        with pytest.raises(ChatforgeError, match=words):
+            plan("test", **options, **STATED)
     with pytest.raises(ChatforgeError, match="cannot be planned"):
         plan({"model_type": "t5"}, **STATED)
 

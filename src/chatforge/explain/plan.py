@@ -9,7 +9,8 @@
 
 Everything is arithmetic on the config; nothing is allocated. The rules:
 - parameters: counted tensor by tensor, exactly as Transformer(config) holds them (a tied head once);
-- load: parameters x bytes per parameter + a few MB (measured: module objects, file header, tokenizer);
+- load: parameters x bytes per parameter + a few MB (measured: module objects, file header, tokenizer),
+  for weights stored in that dtype (converting while loading briefly holds both copies);
 - full fine-tune: AdamW in mixed precision keeps fp32 weights, gradients and two moments (16 bytes per
   parameter), plus the activations the backward pass needs and the logits with their loss;
 - LoRA: the frozen weights in the inference dtype, the adapters at 16 bytes per parameter, the same activations;
@@ -287,8 +288,9 @@ def plan(model: str | int | ModelConfig | dict, *, ram_gb: Optional[float] = Non
     batch_size, seq_len: the fine-tuning batch (seq_len None = the model's context, at most 2048).
     mfu: the fraction of the matmul rate training reaches. measure=False skips the calibration.
     """
-    for name, value in (("batch_size", batch_size), ("lora_rank", lora_rank), ("seq_len", seq_len or 1)):
-        if not isinstance(value, int) or value <= 0:
+    sizes = {"batch_size": batch_size, "lora_rank": lora_rank, **({} if seq_len is None else {"seq_len": seq_len})}
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ChatforgeError(f"{name} must be a positive integer, got {value!r}")
     if not 0 < mfu <= 1:
         raise ChatforgeError(f"mfu must be in (0, 1], got {mfu}")
