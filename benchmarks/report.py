@@ -22,7 +22,7 @@ def summary_line(name: str, result: dict) -> str:
     if "skipped" in result:
         return f"{name}: skipped ({result['skipped']})"
     ratios = result.get("ratios") or {}
-    parts = [f"{k} {_x(v) if isinstance(v, (int, float)) or v is None else v}" for k, v in ratios.items()]
+    parts = [f"{k} {_x(v) if isinstance(v, float) or v is None else v}" for k, v in ratios.items()]
     return f"{name}: " + ("; ".join(parts) if parts else "done") + f"  [{result.get('seconds', '?')} s]"
 
 
@@ -128,8 +128,14 @@ def _b1c(r: dict) -> list[str]:
         out.append(f"| {n} | {st if st is not None else 'not reached'} | "
                    f"{f'{sec:.1f}' if sec is not None else '-'} | {row['final_step']} | "
                    f"{row['final_val_loss']:.4f} | {row['final_seconds']:.1f} |")
+    out += ["", "Validation curves (step: val loss @ training seconds):", ""]
+    for n, row in r["rows"].items():
+        shown = [p for p in row["curve"] if p["step"] % 250 == 0 or p is row["curve"][-1]]
+        points = ", ".join(f"{p['step']}: {p['val_loss']:.3f} @ {p['seconds']:.0f}s" for p in shown)
+        out.append(f"- {n}: {points}")
     f = r["ratios"].get("wall_time_fraction")
-    out += ["", f"chatforge's wall time as a fraction of the nanoGPT recipe's: {'n/a' if f is None else f'{f:.2f}'}", ""]
+    out += ["", f"chatforge's wall time as a fraction of the nanoGPT recipe's: {'n/a' if f is None else f'{f:.2f}'} "
+            f"({r.get('ratio_basis', '')}).", ""]
     return out
 
 

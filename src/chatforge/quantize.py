@@ -18,6 +18,9 @@ row chunk, so the full-precision model never sits in memory.
 """
 from __future__ import annotations
 
+import json
+import math
+import struct
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -171,11 +174,10 @@ def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device:
                               dtype: Optional[torch.dtype] = None) -> nn.Module:
     """The model of a chatforge checkpoint directory, quantized while it is read.
 
-    Matrices are read from the safetensors file CHUNK_ROWS rows at a time and quantized at
-    once, so the peak memory is about the int8 model, not the full-precision one.
+    Matrices are read from the safetensors file CHUNK_ROWS rows at a time with plain reads (a
+    memory map would keep every page it touched resident) and quantized at once, so the peak
+    memory is about the int8 model, not the full-precision one.
     """
-    from safetensors import SafetensorError, safe_open
-
     from .checkpoint import WEIGHTS, load_config, resolve
     from .model import Transformer
 
@@ -192,27 +194,74 @@ def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device:
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS}; the checkpoint is incomplete")
     try:
-        with safe_open(str(path), "pt") as f:
-            _check_shapes(expected, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, directory)
+        with SafetensorsReader(path) as f:
+            _check_shapes(expected, {k: f.shape(k) for k in f.names()}, directory)
 
             def int8(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-                piece = f.get_slice(name)
-                shape = tuple(piece.get_shape())
-                chunks = (piece[i:i + CHUNK_ROWS] for i in range(0, shape[0], CHUNK_ROWS))
-                return quantize_rows(chunks, shape)
+                rows = f.shape(name)[0]
+                chunks = (f.rows(name, i, min(i + CHUNK_ROWS, rows)) for i in range(0, rows, CHUNK_ROWS))
+                return quantize_rows(chunks, f.shape(name))
 
-            linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            for full, linear in linears:
+            for full in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
                 source = "wte.weight" if tied and full == "lm_head" else f"{full}.weight"
-                bias = f.get_tensor(f"{full}.bias") if linear.bias is not None else None
+                bias = f.tensor(f"{full}.bias") if f"{full}.bias" in expected else None
                 _replace(model, full, Int8Linear(*int8(source), bias, dtype))
             model.wte = Int8Embedding(head=model.lm_head) if tied else Int8Embedding(*_scaled(int8("wte.weight"), dtype))
-            rest = {name: f.get_tensor(name).to(dtype) for name, p in model.named_parameters()}
-    except (SafetensorError, OSError) as e:
+            rest = {name: f.tensor(name).to(dtype) for name, _ in model.named_parameters()}
+    except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e}); restore it or use another checkpoint") from None
     model.load_state_dict(rest, strict=False, assign=True)
     model.quantized = mode
     return model.to(device).eval()
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsReader:
+    """Row ranges of the tensors in a .safetensors file, read with plain reads into fresh tensors.
+
+    The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}} and the raw tensor bytes.
+    """
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")
+        (size,) = struct.unpack("<Q", self._file.read(8))
+        self._index = json.loads(self._file.read(size))
+        self._index.pop("__metadata__", None)
+        self._base = 8 + size
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._index[name]["shape"])
+
+    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows start..end (first dimension) of a tensor."""
+        entry = self._index[name]
+        dtype, shape = _ST_DTYPES[entry["dtype"]], entry["shape"]
+        row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        out = torch.empty((end - start, *shape[1:]), dtype=dtype)
+        self._file.seek(self._base + entry["data_offsets"][0] + start * row)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        if self._file.readinto(view) != len(view):
+            raise ValueError(f"{name} is cut short")
+        return out
+
+    def tensor(self, name: str) -> torch.Tensor:
+        shape = self.shape(name)
+        if not shape:
+            return self.rows(name, 0, 1).reshape(())
+        return self.rows(name, 0, shape[0])
 
 
 def _scaled(qs: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
