@@ -34,7 +34,7 @@ QUANT_MODES = ("int8",)
 # torch's int8-weight x float-activation kernel; it needs the input width to be a multiple of 16
 _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 INT8_MM_MAX_ROWS = 16  # more rows than this: widening the weight for a real GEMM is faster (measured)
-CHUNK_ROWS = 4096  # rows quantized at a time while loading: bounds the full-precision transient
+CHUNK_BYTES = 8 << 20  # full-precision bytes read and quantized at a time while loading (the transient)
 
 
 def check_mode(quantize: Optional[str]) -> Optional[str]:
@@ -49,20 +49,31 @@ def check_mode(quantize: Optional[str]) -> Optional[str]:
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (q, scale) with weight[i] ~ q[i] * scale[i], scale in fp32."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # an all-zero row stays zero
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    _quantize_into(weight.detach().to(torch.float32, copy=True), q, scale)
     return q, scale
 
 
+def _quantize_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """Quantize fp32 rows `w` into q and scale, using w itself as the scratch space (no temporaries
+    the size of w: while loading, each one would be a hole the allocator keeps)."""
+    torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_(), out=scale)
+    scale.div_(127.0).clamp_(min=1e-12)  # an all-zero row stays zero
+    q.copy_(w.div_(scale[:, None]).round_().clamp_(-127, 127))
+
+
 def quantize_rows(chunks: Iterable[torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_int8 of a matrix handed over in row chunks, holding one chunk in full precision at a time."""
+    """quantize_int8 of a matrix handed over in row chunks, holding one chunk in full precision at a time.
+
+    The chunks are used as scratch space (their contents are destroyed).
+    """
     q = torch.empty(shape, dtype=torch.int8)
     scale = torch.empty(shape[0], dtype=torch.float32)
     start = 0
     for chunk in chunks:
         end = start + chunk.shape[0]
-        q[start:end], scale[start:end] = quantize_int8(chunk)
+        _quantize_into(chunk if chunk.dtype == torch.float32 else chunk.float(), q[start:end], scale[start:end])
         start = end
     if start != shape[0]:
         raise ValueError(f"expected {shape[0]} rows, got {start}")
@@ -174,7 +185,7 @@ def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device:
                               dtype: Optional[torch.dtype] = None) -> nn.Module:
     """The model of a chatforge checkpoint directory, quantized while it is read.
 
-    Matrices are read from the safetensors file CHUNK_ROWS rows at a time with plain reads (a
+    Matrices are read from the safetensors file CHUNK_BYTES at a time with plain reads (a
     memory map would keep every page it touched resident) and quantized at once, so the peak
     memory is about the int8 model, not the full-precision one.
     """
@@ -198,9 +209,10 @@ def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device:
             _check_shapes(expected, {k: f.shape(k) for k in f.names()}, directory)
 
             def int8(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-                rows = f.shape(name)[0]
-                chunks = (f.rows(name, i, min(i + CHUNK_ROWS, rows)) for i in range(0, rows, CHUNK_ROWS))
-                return quantize_rows(chunks, f.shape(name))
+                rows, width = f.shape(name)
+                step = max(1, CHUNK_BYTES // (4 * width))
+                chunks = (f.rows(name, i, min(i + step, rows)) for i in range(0, rows, step))
+                return quantize_rows(chunks, (rows, width))
 
             for full in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
                 source = "wte.weight" if tied and full == "lm_head" else f"{full}.weight"
