@@ -53,7 +53,8 @@ def assert_openai_error(response: httpx.Response, status: int, param=None, code=
 def server(tmp_path_factory):
     """The built-in demo model (no --model): small, and its greedy replies depend on the prompt."""
     db = tmp_path_factory.mktemp("serve") / "conversations.db"
-    with ServerProcess("--db", str(db), "--threads", "1", "--max-body-bytes", "65536", "--log-level", "warning") as s:
+    with ServerProcess("--db", str(db), "--threads", "1", "--max-body-bytes", "65536", "--max-messages", "50",
+                       "--max-message-chars", "20000", "--max-tokens", "300", "--log-level", "warning") as s:
         yield s
 
 
@@ -230,6 +231,11 @@ BAD_REQUESTS = [
     ("unsupported logprobs", {"model": DEMO_MODEL, "messages": HELLO, "logprobs": True}, 400, "logprobs", None),
     ("missing model", {"messages": HELLO}, 400, "model", None),
     ("unknown model", {"model": "gpt-4o", "messages": HELLO}, 404, "model", "model_not_found"),
+    ("too many messages", {"model": DEMO_MODEL, "messages": HELLO * 51}, 400, "messages", None),
+    ("too long a message", {"model": DEMO_MODEL, "messages": [{"role": "user", "content": "a" * 20001}]}, 400,
+     "messages.0.content", None),
+    ("max_tokens over the server's cap", {"model": DEMO_MODEL, "messages": HELLO, "max_tokens": 301}, 400,
+     "max_tokens", "context_length_exceeded"),
     ("oversized body", {"model": DEMO_MODEL, "messages": [{"role": "user", "content": "a" * 70000}]}, 413, None,
      "request_too_large"),
 ]
@@ -469,3 +475,59 @@ def test_api_key_and_persistence_across_sigkill(chat_model_dir, tmp_path):
         assert [c["id"] for c in httpx.get(again.url + "/api/conversations", headers=auth).json()["data"]] == [cid]
     finally:
         assert again.stop(signal.SIGINT) == 0
+
+
+# --- starting up -------------------------------------------------------------------------------------------------
+
+def test_health_is_503_until_the_model_is_loaded(tmp_path):
+    """A real uvicorn server in a thread, with a loader that waits until the test lets it finish."""
+    import uvicorn
+
+    from chatforge.server.app import bind, create_app, load_service
+    from chatforge.server.config import ServeConfig
+
+    release = threading.Event()
+
+    def slow_loader(config, metrics):
+        assert release.wait(30)
+        return load_service(config, metrics)
+
+    config = ServeConfig(db=str(tmp_path / "c.db"), threads=1)
+    sock = bind("127.0.0.1", 0)
+    url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(config, loader=slow_loader), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, what="uvicorn to start")
+        loading = httpx.get(url + "/health")
+        assert loading.status_code == 503 and loading.json() == {"status": "loading"}
+        assert_openai_error(httpx.get(url + "/v1/models"), 503, code="model_loading")
+        release.set()
+        wait_until(lambda: httpx.get(url + "/health").status_code == 200, what="the model to load")
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == DEMO_MODEL
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_serve_reports_a_bad_model_a_taken_port_or_a_bad_flag_on_one_line(tmp_path, capsys):
+    import socket
+
+    from chatforge.cli import main
+
+    def serve(*args: str) -> tuple[int, str]:
+        code = main(["serve", "--db", str(tmp_path / "c.db"), "--log-level", "critical", *args])
+        return code, capsys.readouterr().err.strip()
+
+    code, err = serve("--model", str(tmp_path / "missing"), "--port", "0")  # fails while loading, after binding
+    assert code == 2 and err.endswith(f"chatforge serve: error: no model at {tmp_path / 'missing'}: the path does "
+                                      "not exist")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, err = serve("--port", str(taken.getsockname()[1]))
+    assert code == 2 and err.startswith("chatforge serve: error: cannot listen on 127.0.0.1:") and "--port" in err
+    code, err = serve("--max-batch", "0")
+    assert code == 2 and err == "chatforge serve: error: max_batch = 0 is out of range (see `chatforge serve --help`)"

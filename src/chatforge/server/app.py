@@ -70,10 +70,11 @@ def load_service(config: ServeConfig, metrics: Metrics) -> ModelService:
 
 def create_app(config: ServeConfig, service: Optional[ModelService] = None,
                on_fatal: Optional[Callable[[BaseException], None]] = None,
-               on_ready: Optional[Callable[[ModelService], None]] = None) -> FastAPI:
-    """The server as an ASGI app. Without `service` the model loads on a thread once the app starts;
-    then `on_ready(service)` is called, or `on_fatal(error)` if loading failed (the CLI stops the
-    server and reports it)."""
+               on_ready: Optional[Callable[[ModelService], None]] = None,
+               loader: Callable[[ServeConfig, Metrics], ModelService] = load_service) -> FastAPI:
+    """The server as an ASGI app. Without `service`, `loader` loads the model on a thread once the
+    app starts; then `on_ready(service)` is called, or `on_fatal(error)` if loading failed (the CLI
+    stops the server and reports it)."""
     metrics = service.scheduler.metrics if service is not None else Metrics()
 
     @asynccontextmanager
@@ -90,7 +91,7 @@ def create_app(config: ServeConfig, service: Optional[ModelService] = None,
 
     def _load(app: FastAPI) -> None:
         try:
-            app.state.service = load_service(config, metrics)
+            app.state.service = loader(config, metrics)
             metrics.model_loaded.set(1)
             if on_ready is not None:
                 on_ready(app.state.service)

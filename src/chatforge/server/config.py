@@ -45,10 +45,10 @@ class ServeConfig:
                   ("shutdown_timeout", self.shutdown_timeout >= 0)]
         for name, ok in checks:
             if not ok:
-                raise ConfigError(f"serve: {name} = {getattr(self, name)!r} is out of range "
+                raise ConfigError(f"{name} = {getattr(self, name)!r} is out of range "
                                   f"(see `chatforge serve --help`)")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
-            raise ConfigError(f"serve: unknown log_level {self.log_level!r}; use critical, error, warning, info or debug")
+            raise ConfigError(f"unknown log_level {self.log_level!r}; use critical, error, warning, info or debug")
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
 
