@@ -127,6 +127,7 @@ def test_training_verbs_refuse_bad_input_on_one_line(tmp_path, prose, chat_model
     ("truncated_checkpoint", ("corrupt or truncated",)),
     ("foreign_tokenizer", ("do not belong together",)),
     ("prompt_too_long", ("context",)),
+    ("bad_min_p", ("min_p must be in [0, 1]",)),  # generate passes every sampling flag through
 ])
 def test_foundation_mistakes_end_in_one_line(tmp_path, chat_model_dir, case, fragments):
     import shutil
@@ -143,6 +144,7 @@ def test_foundation_mistakes_end_in_one_line(tmp_path, chat_model_dir, case, fra
         "truncated_checkpoint": ["generate", "--model", str(model), "--prompt", "Hi"],
         "foreign_tokenizer": ["generate", "--model", str(model), "--prompt", "Hi"],
         "prompt_too_long": ["generate", "--model", str(model), "--prompt", "Hello " * 100],
+        "bad_min_p": ["generate", "--model", str(model), "--prompt", "Hi", "--min-p", "3"],
     }[case]
     if case == "truncated_checkpoint":
         data = (model / "model.safetensors").read_bytes()

@@ -73,7 +73,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ChatforgeError("no prompt: pass --prompt TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
     generate_text(args.model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device, dtype=args.dtype,
+                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                  seed=args.seed, device=args.device, dtype=args.dtype,
                   quantize=args.quantize)
     print()
     return 0

@@ -403,7 +403,8 @@ class Engine:
 
 
 def generate_text(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: Optional[int] = None, top_p: float = 1.0, seed: Optional[int] = None,
+                  top_k: Optional[int] = None, top_p: float = 1.0, min_p: Optional[float] = None,
+                  repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
                   device: str = "auto", dtype: Optional[str] = None, quantize: Optional[str] = None,
                   stream: bool = True, out: Optional[TextIO] = None) -> Generation:
     """`chatforge generate`: load a model, continue `prompt`, write the continuation to `out` (stdout).
@@ -414,8 +415,9 @@ def generate_text(model_dir: str, prompt: str, *, max_new_tokens: int = 200, tem
     from ..utils import bf16_supported, pick_device
 
     out = sys.stdout if out is None else out
+    extra = {k: v for k, v in (("min_p", min_p), ("repetition_penalty", repetition_penalty)) if v is not None}
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed)
+                              seed=seed, **extra)
     dev = pick_device(device)
     if dtype is None and dev.type == "cuda" and bf16_supported(dev):
         dtype = "bf16"
