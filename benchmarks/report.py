@@ -73,7 +73,7 @@ def _machine(results: dict) -> list[str]:
     v = info["versions"]
     return ["## Machine", "",
             f"- CPU: {info['cpu']}, {info['cores']} cores (AVX-512: {info['avx512']}, AMX: {info['amx']}, "
-            f"native bf16: {info['bf16_native']}); torch threads: {info['torch_threads']}",
+            f"native bf16: {info['bf16_native']}); torch threads: as each section's command says",
             f"- Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, "
             f"numpy {v['numpy']}, chatforge {v['chatforge']}",
             f"- OS: {info['os']}", ""]
@@ -253,9 +253,11 @@ def _notes(results: dict) -> list[str]:
                    "mostly Python overhead, so its scaling moves with the machine's load from run to run.")
     c = results.get("compile")
     if c and "decode" in c:
-        out.append(f"- **torch.compile** does not pay on this CPU: decoding {_x(c['decode']['speedup'])}, training "
-                   f"{_x(c['train']['speedup'])} of eager speed. Compile times shown are with inductor's on-disk "
-                   "cache; the first compile here took ~60 s for the decode step and ~50 s for a training step. "
-                   "So chatforge leaves it off by default (TrainConfig.compile / --compile turn it on, for GPUs).")
+        pays = [what for what, part in (("decoding", c["decode"]), ("training", c["train"])) if part["speedup"] > 1.1]
+        verdict = "pays for " + " and ".join(pays) if pays else "does not pay"
+        out.append(f"- **torch.compile** {verdict} on this CPU: decoding {_x(c['decode']['speedup'])}, training "
+                   f"{_x(c['train']['speedup'])} of eager speed, after compiling for {c['decode']['compile_s']:.0f} s "
+                   f"and {c['train']['compile_s']:.0f} s (inductor's disk cache off: a first compile). chatforge "
+                   "leaves it off by default; TrainConfig.compile / --compile turn it on.")
     out.append("")
     return out
