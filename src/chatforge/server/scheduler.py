@@ -212,8 +212,11 @@ class Scheduler:
                     del self._active[id(request)]
                     self._finish(job)
                 finished = True
-        if finished and self._state is not None and self._state.cache is not None:
-            trim_cache(self._state.cache)
+        if finished and self._state is not None:
+            if self._state.done:
+                self._state = None  # free the KV cache
+            elif self._state.cache is not None:
+                trim_cache(self._state.cache)
 
     def _record_token(self, job: Job, now: float) -> None:
         m = self.metrics
