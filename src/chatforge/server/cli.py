@@ -6,7 +6,9 @@ the CHATFORGE_API_KEY environment variable, the database path from CHATFORGE_DB.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -17,6 +19,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = dataclass_from_args(ServeConfig, args)
     serve(config, announce=lambda line: print(line, flush=True))
     print("chatforge serve: stopped", file=sys.stderr, flush=True)
+    if any(t.name == "chatforge-loader" and t.is_alive() for t in threading.enumerate()):
+        # stopped while the model was still loading: leave at once, since tearing the interpreter
+        # down under a thread that is inside torch aborts with "terminate called ..."
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 
