@@ -147,14 +147,7 @@ def read_weights(path: Path, device: str | torch.device = "cpu",
         from .hf.weights import SafetensorsFile
 
         f = SafetensorsFile(path)
-        out = {}
-        for name in f.names():
-            stored = f.dtype(name)
-            out[name] = torch.empty(f.shape(name), dtype=dtype if stored.is_floating_point else stored)
-            rows = out[name].view(1) if out[name].dim() == 0 else out[name]
-            for start, slab in f.rows(name):
-                rows[start:start + len(slab)].copy_(slab)
-        return {k: v.to(device) for k, v in out.items()}
+        return {name: f.read(name, dtype).to(device) for name in f.names()}
     except (SafetensorError, OSError, ValueError, CheckpointError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e}); restore it or use another checkpoint") from None
 

@@ -18,9 +18,6 @@ row chunk, so the full-precision model never sits in memory.
 """
 from __future__ import annotations
 
-import json
-import math
-import struct
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -34,7 +31,6 @@ QUANT_MODES = ("int8",)
 # torch's int8-weight x float-activation kernel; it needs the input width to be a multiple of 16
 _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 INT8_MM_MAX_ROWS = 16  # more rows than this: widening the weight for a real GEMM is faster (measured)
-CHUNK_BYTES = 8 << 20  # full-precision bytes read and quantized at a time while loading (the transient)
 
 
 def check_mode(quantize: Optional[str]) -> Optional[str]:
@@ -185,11 +181,12 @@ def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device:
                               dtype: Optional[torch.dtype] = None) -> nn.Module:
     """The model of a chatforge checkpoint directory, quantized while it is read.
 
-    Matrices are read from the safetensors file CHUNK_BYTES at a time with plain reads (a
+    Matrices are read from the safetensors file a slab of rows at a time with plain reads (a
     memory map would keep every page it touched resident) and quantized at once, so the peak
     memory is about the int8 model, not the full-precision one.
     """
     from .checkpoint import WEIGHTS, load_config, resolve
+    from .hf.weights import SafetensorsFile
     from .model import Transformer
 
     check_mode(mode)
@@ -205,75 +202,23 @@ def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device:
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS}; the checkpoint is incomplete")
     try:
-        with SafetensorsReader(path) as f:
-            _check_shapes(expected, {k: f.shape(k) for k in f.names()}, directory)
+        f = SafetensorsFile(path)
+        _check_shapes(expected, {k: f.shape(k) for k in f.names()}, directory)
 
-            def int8(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-                rows, width = f.shape(name)
-                step = max(1, CHUNK_BYTES // (4 * width))
-                chunks = (f.rows(name, i, min(i + step, rows)) for i in range(0, rows, step))
-                return quantize_rows(chunks, (rows, width))
+        def int8(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return quantize_rows((slab for _, slab in f.rows(name)), f.shape(name))
 
-            for full in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-                source = "wte.weight" if tied and full == "lm_head" else f"{full}.weight"
-                bias = f.tensor(f"{full}.bias") if f"{full}.bias" in expected else None
-                _replace(model, full, Int8Linear(*int8(source), bias, dtype))
-            model.wte = Int8Embedding(head=model.lm_head) if tied else Int8Embedding(*_scaled(int8("wte.weight"), dtype))
-            rest = {name: f.tensor(name).to(dtype) for name, _ in model.named_parameters()}
-    except (OSError, ValueError, KeyError) as e:
+        for full in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+            source = "wte.weight" if tied and full == "lm_head" else f"{full}.weight"
+            bias = f.read(f"{full}.bias") if f"{full}.bias" in expected else None
+            _replace(model, full, Int8Linear(*int8(source), bias, dtype))
+        model.wte = Int8Embedding(head=model.lm_head) if tied else Int8Embedding(*_scaled(int8("wte.weight"), dtype))
+        rest = {name: f.read(name, dtype) for name, _ in model.named_parameters()}
+    except (OSError, ValueError, KeyError, CheckpointError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated ({e}); restore it or use another checkpoint") from None
     model.load_state_dict(rest, strict=False, assign=True)
     model.quantized = mode
     return model.to(device).eval()
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class SafetensorsReader:
-    """Row ranges of the tensors in a .safetensors file, read with plain reads into fresh tensors.
-
-    The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-    data_offsets}} and the raw tensor bytes.
-    """
-
-    def __init__(self, path: Path):
-        self._file = open(path, "rb")
-        (size,) = struct.unpack("<Q", self._file.read(8))
-        self._index = json.loads(self._file.read(size))
-        self._index.pop("__metadata__", None)
-        self._base = 8 + size
-
-    def __enter__(self) -> "SafetensorsReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._file.close()
-
-    def names(self) -> list[str]:
-        return list(self._index)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._index[name]["shape"])
-
-    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        """Rows start..end (first dimension) of a tensor."""
-        entry = self._index[name]
-        dtype, shape = _ST_DTYPES[entry["dtype"]], entry["shape"]
-        row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
-        out = torch.empty((end - start, *shape[1:]), dtype=dtype)
-        self._file.seek(self._base + entry["data_offsets"][0] + start * row)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        if self._file.readinto(view) != len(view):
-            raise ValueError(f"{name} is cut short")
-        return out
-
-    def tensor(self, name: str) -> torch.Tensor:
-        shape = self.shape(name)
-        if not shape:
-            return self.rows(name, 0, 1).reshape(())
-        return self.rows(name, 0, shape[0])
 
 
 def _scaled(qs: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,6 +116,16 @@ class SafetensorsFile:
     def tensor(self, name: str) -> Optional[torch.Tensor]:
         return None  # always read into the model's own memory, never kept mapped
 
+    def read(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A fresh tensor, filled slab by slab; floating tensors converted to `dtype` as they are read,
+        so the stored-precision copy never exists in full."""
+        stored, shape, _ = self.entries[name]
+        out = torch.empty(shape, dtype=dtype if dtype is not None and stored.is_floating_point else stored)
+        rows = out.view(1) if out.dim() == 0 else out
+        for start, slab in self.rows(name):
+            rows[start:start + len(slab)].copy_(slab)
+        return out
+
 
 class BinFile:
     """A legacy pytorch_model.bin: unpickled safely (weights_only) and memory-mapped."""
