@@ -111,3 +111,24 @@ def test_int8_pipeline_and_cli_flag(chatty_model_dir):
         result = run_cli(*verb, "--model", str(chatty_model_dir), "--quantize", "int8", "--max-new-tokens", "5",
                          "--temperature", "1", "--seed", "0")
         assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_int4_pipeline_cli_flag_and_serve_option():
+    from conftest import run_cli
+
+    from chatforge.errors import ConfigError
+    from chatforge.quantize import Int4Linear
+    from chatforge.server.config import ServeConfig
+
+    chatbot = pipeline("conversational", quantize="int4", max_new_tokens=8, temperature=0)  # the demo model
+    assert any(isinstance(m, Int4Linear) for m in chatbot.engine.model.modules())
+    assert chatbot("Hello, how are you?").generated_responses[-1].strip()
+    for verb in (["chat", "--prompt", "Hello"], ["generate", "--prompt", "The weather today is"]):
+        result = run_cli(*verb, "--model", "chatforge-demo", "--quantize", "int4", "--max-new-tokens", "5",
+                         "--temperature", "0")
+        assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    bad = run_cli("chat", "--quantize", "int3", "--prompt", "Hello")
+    assert bad.returncode == 2 and "invalid choice: 'int3'" in bad.stderr
+    assert ServeConfig(quantize="int4").quantize == "int4"
+    with pytest.raises(ConfigError, match="unknown quantize 'int3'; use int8 or int4"):
+        ServeConfig(quantize="int3")

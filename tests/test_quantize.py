@@ -1,7 +1,10 @@
-"""Int8 weight-only quantization: logits close to fp32, generation runs, a quarter of the memory.
+"""Weight-only quantization: logits close to fp32, generation runs, a fraction of the memory.
 
-Tolerance: the largest logit difference stays under 3% of the largest logit (per-row int8 keeps
-~0.4% relative error per weight; measured ~1% on these models), 5% with bf16 activations.
+Tolerance (int8): the largest logit difference stays under 3% of the largest logit (per-row int8
+keeps ~0.4% relative error per weight; measured ~1% on these models), 5% with bf16 activations.
+int4's own rounding is larger (a step is 1/15 of a group's range), so its kernels are checked
+against an fp32 model holding the same dequantized weights, and its quality on the trained demo
+model: cross-entropy within 3% of fp32's.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from chatforge.engine import Engine
 from chatforge.errors import ChatforgeError
 from chatforge.loader import load
 from chatforge.model import Transformer
-from chatforge.quantize import Int8Embedding, Int8Linear, quantize_int8, quantize_model, weight_bytes
+from chatforge.quantize import (INT4_MM_MAX_ROWS, Int4Linear, Int8Embedding, Int8Linear, pack_int4,
+                                quantize_int4, quantize_int8, quantize_model, weight_bytes)
 
 FP32_TOL, BF16_TOL = 0.03, 0.05
 LAYOUTS = {
@@ -97,7 +101,7 @@ def test_loader_quantizes_while_loading(tmp_path, char_tokenizer, one_thread):
 
 
 def test_loader_refuses_unknown_quantization(tmp_path):
-    with pytest.raises(ChatforgeError, match="int8"):
+    with pytest.raises(ChatforgeError, match="int8, int4"):
         load("chatforge-demo", device="cpu", quantize="int3")
 
 
@@ -112,3 +116,101 @@ def test_loader_quantizes_hugging_face_directories(tmp_path, char_tokenizer, one
     with torch.no_grad():
         assert loaded.quantized == "int8"
         assert rel_err(loaded(ids), model(ids)) < FP32_TOL
+
+
+# --- int4 ---------------------------------------------------------------------------------------
+
+WIDE = dict(n_embd=128, n_head=4, vocab_size=1000)  # widths that are whole int4 groups (64)
+
+
+def dequantized_twin(model: Transformer, quantized: torch.nn.Module) -> Transformer:
+    """An fp32 copy of `model` holding exactly the weights the quantized model multiplies by."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, (Int4Linear, Int8Linear)):
+                twin.get_submodule(name).weight.copy_(module.dequantized())
+        if not quantized.wte._tied:  # an untied embedding is int8: its own table
+            twin.wte.weight.copy_(quantized.wte.weight.float() * quantized.wte.scale.float()[:, None])
+    return twin
+
+
+def test_int4_packing_is_the_cpu_kernels_layout():
+    convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    if convert is None:
+        pytest.skip("this torch has no int4 CPU kernel")
+    q = torch.randint(0, 16, (192, 256), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(pack_int4(q.to(torch.uint8)), convert(q.to(torch.int32), 2))
+
+
+def test_quantize_int4_round_trip():
+    w = torch.randn(8, 256)
+    w[2, 64:128] = 0.0  # an all-zero group stays zero
+    q, scale, zero = quantize_int4(w)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == (8, 4)
+    back = (q.float().view(8, 4, 64) - 8) * scale[..., None] + zero[..., None]
+    assert torch.all(back[2, 1] == 0)
+    assert torch.all((back - w.view(8, 4, 64)).abs() <= scale[..., None] / 2 + 1e-6)  # half a step per group
+
+
+@pytest.mark.parametrize("layout", ["gpt", "llama-untied"])
+def test_int4_model_computes_its_dequantized_weights(layout, one_thread):
+    """Both int4 paths (the kernel for few rows, unpacking for many) equal an fp32 model holding the
+    dequantized weights; the tied embedding reads the head's int4 table."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("test", **{**LAYOUTS[layout], **WIDE})).eval()
+    q32 = quantize_model(copy.deepcopy(model), "int4", dtype=torch.float32)
+    twin = dequantized_twin(model, q32)
+    few = torch.randint(0, 1000, (1, INT4_MM_MAX_ROWS // 2))
+    many = torch.randint(0, 1000, (2, INT4_MM_MAX_ROWS + 8))
+    with torch.no_grad():
+        for ids in (few, many):
+            assert rel_err(q32(ids), twin(ids)) < 1e-4
+        q16 = quantize_model(copy.deepcopy(model), "int4", dtype=torch.bfloat16)
+        assert rel_err(q16(few), twin(few)) < BF16_TOL and rel_err(q16(many), twin(many)) < BF16_TOL
+        assert rel_err(model(many), twin(many)) > 1e-3  # int4 did round: the test above is not vacuous
+    assert all(isinstance(m, Int4Linear) for n, m in q32.named_modules() if n.endswith(("attn.c_attn", "lm_head"))
+               or n.endswith("mlp.c_fc"))
+    if model.config.tie_embeddings:
+        assert q32.wte._tied and q32.wte._tied[0] is q32.lm_head
+
+
+def test_int4_keeps_odd_widths_int8_and_takes_a_seventh_of_fp32(one_thread):
+    model = Transformer(ModelConfig.preset("test", n_embd=128, n_head=4, vocab_size=2048))
+    q = quantize_model(copy.deepcopy(model), "int4", dtype=torch.float32)
+    assert 0.12 < weight_bytes(q) / weight_bytes(model) < 0.19, weight_bytes(q) / weight_bytes(model)
+    odd = quantize_model(Transformer(ModelConfig.preset("test", **LAYOUTS["odd-width"])), "int4")
+    assert not any(isinstance(m, Int4Linear) for m in odd.modules())  # 24 inputs: not whole groups -> int8
+    assert any(isinstance(m, Int8Linear) for m in odd.modules())
+
+
+def test_int4_loads_from_a_checkpoint_like_in_place(tmp_path, char_tokenizer, one_thread):
+    torch.manual_seed(0)
+    cfg = dict(LAYOUTS["llama-untied"], n_embd=128, n_head=4, vocab_size=char_tokenizer.vocab_size)
+    model = Transformer(ModelConfig.preset("test", **cfg)).eval()
+    save_checkpoint(tmp_path / "ck", model, char_tokenizer)
+    loaded, _ = load(str(tmp_path / "ck"), device="cpu", dtype="fp32", quantize="int4")
+    in_place = quantize_model(copy.deepcopy(model), "int4", dtype=torch.float32)
+    assert loaded.quantized == "int4" and isinstance(loaded.lm_head, Int4Linear)
+    ids = torch.randint(0, char_tokenizer.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), in_place(ids))
+
+
+def test_int4_demo_model_quality(one_thread):
+    """On a trained model int4 costs little: the demo model's cross-entropy on its own fp32 reply
+    stays within 3% of fp32's, and it still answers."""
+    model, tok = load(None, device="cpu", dtype="fp32")
+    q4, _ = load(None, device="cpu", quantize="int4")
+    assert any(isinstance(m, Int4Linear) for m in q4.modules())
+    prompt = tok.encode("Hello, how are you today? Tell me about your day.")
+    [g] = Engine(model, tok).generate(prompt, max_new_tokens=48, temperature=0.0, stop_token_ids=[])
+    ids = torch.tensor([prompt + g.token_ids])
+
+    def loss(m) -> float:
+        with torch.no_grad():
+            logits = m(ids[:, :-1]).float()[0, len(prompt) - 1:]
+        return float(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt):]))
+    assert loss(q4) < 1.03 * loss(model) + 0.02, (loss(q4), loss(model))
+    [r] = Engine(q4, tok).generate(prompt, max_new_tokens=8, temperature=0.0, stop_token_ids=[])
+    assert r.completion_tokens == 8 and tok.decode(r.token_ids).strip()

@@ -36,8 +36,8 @@ def load(name_or_path: Optional[str] = None, device: str | torch.device = "auto"
          dtype: Optional[str | torch.dtype] = None, quantize: Optional[str] = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer for a name or path; the demo model when none is given.
 
-    quantize="int8": int8 weight-only inference (chatforge.quantize), a quarter of the fp32 weight
-    memory; `dtype` is then the activations' dtype (default bf16 where the hardware has it). A
+    quantize="int8" or "int4": weight-only inference (chatforge.quantize), about 1/4 or 1/7 of the
+    fp32 weight memory; `dtype` is then the activations' dtype (default bf16 where the hardware has it). A
     chatforge checkpoint is quantized while it is read, so its full-precision model never exists.
     """
     from .quantize import check_mode

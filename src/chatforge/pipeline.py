@@ -97,7 +97,7 @@ def pipeline(task: str = "conversational", model: Optional[str] = None, *, devic
              dtype: Optional[str] = None, quantize: Optional[str] = None, **generate_kwargs: Any) -> Pipeline:
     """A ready-to-call pipeline for `task` with `model` (a checkpoint dir, HF id, or the demo model).
 
-    quantize="int8" runs the generation tasks with int8 weight-only linear layers.
+    quantize="int8" or "int4" runs the generation tasks with weight-only quantized linear layers.
 
     Keyword arguments such as max_new_tokens=64 or temperature=0 become the defaults of every call.
     """

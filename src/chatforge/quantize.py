@@ -1,7 +1,7 @@
-"""Int8 weight-only quantization: a quarter of the weight memory, and faster batch-1 decoding on a CPU.
+"""Weight-only quantization (int8, int4): less weight memory, and faster batch-1 decoding on a CPU.
 
-    model = quantize_model(model)                                  # in place; returns the model
-    model, tok = chatforge.loader.load(path, quantize="int8")      # quantized while it loads
+    model = quantize_model(model)                                  # int8, in place; returns the model
+    model, tok = chatforge.loader.load(path, quantize="int4")      # quantized while it loads
 
 Decoding one token reads every weight once, so its speed is bounded by memory bandwidth:
 one byte per weight instead of four (fp32) or two (bf16) moves that much less. Each Linear's
@@ -15,9 +15,18 @@ The forward picks its kernel by the number of rows: a few rows (decoding) go to 
 weight to the activation dtype and run an ordinary matrix multiply, which is compute-bound then
 anyway. Loading a chatforge checkpoint with `load_quantized_checkpoint` quantizes row chunk by
 row chunk, so the full-precision model never sits in memory.
+
+int4 halves the bytes again: each Linear's weight is cut into groups of INT4_GROUP inputs, each group
+with its own scale and zero point (asymmetric: w ~ (q - 8) * scale + zero, q in [0, 15]), packed two
+to a byte in the blocked layout torch's CPU kernel `_weight_int4pack_mm_for_cpu` reads. Decoding rows
+go to that kernel; a prefill unpacks one layer at a time to the activation dtype for the GEMM. A tied
+embedding reads its rows from the head's int4 table; an untied one is int8 (only one row per token
+is read, so its size does not slow decoding). A layer whose width is not a multiple of the group
+stays int8.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -27,7 +36,7 @@ import torch.nn.functional as F
 
 from .errors import CheckpointError, ChatforgeError
 
-QUANT_MODES = ("int8",)
+QUANT_MODES = ("int8", "int4")
 # torch's int8-weight x float-activation kernel; it needs the input width to be a multiple of 16
 _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 INT8_MM_MAX_ROWS = 16  # more rows than this: widening the weight for a real GEMM is faster (measured)
@@ -104,6 +113,10 @@ class Int8Linear(nn.Module):
             y = y + self.bias
         return y.view(*lead, self.out_features)
 
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` of the weight, dequantized (a tied embedding's lookup)."""
+        return F.embedding(idx, self.weight).to(self.scale.dtype) * self.scale[idx][..., None]
+
     def dequantized(self) -> torch.Tensor:
         """The weight this layer effectively multiplies by, in fp32 (for tests and inspection)."""
         return self.weight.float() * self.scale.float()[:, None]
@@ -113,10 +126,10 @@ class Int8Linear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """Token embedding rows read from an int8 table: its own, or (tied) the output head's."""
+    """Token embedding rows read from a quantized table: its own int8 one, or (tied) the output head's."""
 
     def __init__(self, weight_q: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
-                 head: Optional[Int8Linear] = None):
+                 head: Optional[nn.Module] = None):
         super().__init__()
         # a list, not an attribute: the head stays a child of the model only, its tensors stored once
         self._tied = [head] if head is not None else []
@@ -126,11 +139,150 @@ class Int8Embedding(nn.Module):
 
     def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
         owner = self._tied[0] if self._tied else self
-        return owner.weight, owner.scale
+        return owner.weight, owner.scale if hasattr(owner, "scale") else owner.scales_zeros
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        weight, scale = self._table()
-        return F.embedding(idx, weight).to(scale.dtype) * scale[idx][..., None]
+        if self._tied:
+            return self._tied[0].rows(idx)
+        return F.embedding(idx, self.weight).to(self.scale.dtype) * self.scale[idx][..., None]
+
+
+# --- int4 -----------------------------------------------------------------------------------------
+
+_INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+INT4_GROUP = 64  # inputs that share one scale and zero point
+INT4_BLOCK = 64  # output rows per block of the CPU kernel's packed layout
+INT4_MM_MAX_ROWS = 32  # more rows than this: unpacking the layer for a real GEMM is faster (measured)
+
+
+def int4_ok(in_features: int) -> bool:
+    """Whether a Linear with this input width can be int4 (whole groups only)."""
+    return in_features % INT4_GROUP == 0
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-group int4: (q uint8 in [0, 15], scale, zero), each (out, in / INT4_GROUP) in fp32,
+    with weight ~ (q - 8) * scale + zero group by group."""
+    w = weight.detach().to(torch.float32)
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // INT4_GROUP, INT4_GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_(min=1e-12)  # an all-zero group stays zero
+    q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    return q.view(rows, cols), scale, lo + 8 * scale
+
+
+def quantize_rows_int4(chunks: Iterable[torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """quantize_int4 of a matrix handed over in row chunks, one chunk in full precision at a time."""
+    q = torch.empty(shape, dtype=torch.uint8)
+    scale, zero = (torch.empty(shape[0], shape[1] // INT4_GROUP) for _ in range(2))
+    start = 0
+    for chunk in chunks:
+        end = start + chunk.shape[0]
+        q[start:end], scale[start:end], zero[start:end] = quantize_int4(chunk)
+        start = end
+    if start != shape[0]:
+        raise ValueError(f"expected {shape[0]} rows, got {start}")
+    return q, scale, zero
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values in [0, 15], N a multiple of INT4_BLOCK -> (N, K / 2) bytes in the CPU kernel's
+    layout: blocks of 64 output rows, each stored input by input, byte j = row j | row j + 32 << 4."""
+    rows, cols = q.shape
+    v = q.view(rows // INT4_BLOCK, INT4_BLOCK, cols).transpose(1, 2)
+    half = INT4_BLOCK // 2
+    return (v[..., :half] | (v[..., half:] << 4)).contiguous().view(rows, cols // 2)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_layout_matches() -> bool:
+    """Whether torch packs int4 weights the way pack_int4 does (checked once: a torch release may change
+    it; then the kernel is not used, and the unpacking path, which reads pack_int4's layout, still is)."""
+    convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    if _INT4_MM is None or convert is None:
+        return False
+    q = torch.randint(0, 16, (2 * INT4_BLOCK, 2 * INT4_GROUP), generator=torch.Generator().manual_seed(0))
+    try:
+        return torch.equal(convert(q.to(torch.int32), 2), pack_int4(q.to(torch.uint8)))
+    except RuntimeError:
+        return False
+
+
+class Int4Linear(nn.Module):
+    """A Linear layer with int4 weights, a scale and zero point per group of INT4_GROUP inputs."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: Optional[torch.Tensor],
+                 dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        padded = -(-self.out_features // INT4_BLOCK) * INT4_BLOCK  # whole blocks; extra rows are zero
+        if padded != self.out_features:
+            q = torch.cat([q, q.new_zeros(padded - self.out_features, self.in_features)])
+            scale, zero = (torch.cat([t, t.new_zeros(padded - t.shape[0], t.shape[1])]) for t in (scale, zero))
+        self.register_buffer("weight", pack_int4(q))
+        # (in / group, padded out, 2): scale and zero, the kernel's layout
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int4Linear":
+        return cls(*quantize_int4(linear.weight), linear.bias, dtype)
+
+    @property
+    def kernel_ok(self) -> bool:
+        return self.weight.device.type == "cpu" and _kernel_layout_matches()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= INT4_MM_MAX_ROWS and x.dtype == self.scales_zeros.dtype and self.kernel_ok:
+            y = _INT4_MM(x2.contiguous(), self.weight, INT4_GROUP, self.scales_zeros)
+        else:  # compute-bound: unpack the layer once, use the fast GEMM
+            y = x2 @ self._unpacked_t(x.dtype)
+        y = y[:, :self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def _unpacked_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight transposed, (in, padded out), in `dtype`: written input-major straight from the
+        packed blocks, so no transposing copy follows."""
+        blocks, cols, half = self.weight.shape[0] // INT4_BLOCK, self.in_features, INT4_BLOCK // 2
+        v = self.weight.view(blocks, cols, half).permute(1, 0, 2)
+        w = torch.empty(cols, blocks, INT4_BLOCK, dtype=dtype, device=v.device)
+        w[..., :half].copy_(v & 15)
+        w[..., half:].copy_(v >> 4)
+        sz = self.scales_zeros.to(dtype)
+        scale, offset = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]  # (q - 8) * s + z = q * s + (z - 8 s)
+        w.view(cols // INT4_GROUP, INT4_GROUP, -1).mul_(scale[:, None]).add_(offset[:, None])
+        return w.view(cols, -1)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` of the weight, dequantized (a tied embedding's lookup)."""
+        half = INT4_BLOCK // 2
+        v = self.weight.view(-1, self.in_features, half)
+        block, j = idx // INT4_BLOCK, idx % INT4_BLOCK
+        b = v[block, :, j % half]  # (..., in)
+        q = torch.where((j < half)[..., None], b & 15, b >> 4).to(self.scales_zeros.dtype)
+        sz = self.scales_zeros[:, idx].movedim(0, -2)  # (..., groups, 2)
+        g = q.view(*idx.shape, -1, INT4_GROUP)
+        return ((g - 8) * sz[..., :1] + sz[..., 1:]).view(*idx.shape, self.in_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer effectively multiplies by, (out, in) in fp32 (for tests and inspection)."""
+        return self._unpacked_t(torch.float32).t()[:self.out_features]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group={INT4_GROUP}")
+
+
+def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype) -> nn.Module:
+    """The quantized replacement for one Linear: int4 where its width allows, else int8."""
+    if mode == "int4" and int4_ok(linear.in_features):
+        return Int4Linear.from_linear(linear, dtype)
+    return Int8Linear.from_linear(linear, dtype)
 
 
 def default_dtype(device: torch.device, current: torch.dtype = torch.float32) -> torch.dtype:
@@ -142,7 +294,8 @@ def default_dtype(device: torch.device, current: torch.dtype = torch.float32) ->
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str = "int8", dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Replace every Linear and the token embedding of a chatforge Transformer by int8 versions, in place.
+    """Replace every Linear and the token embedding of a chatforge Transformer by quantized versions
+    (mode "int8" or "int4"), in place.
 
     dtype: the activations' dtype afterwards (default: bf16 where the hardware has it, else the
     model's). The result is for inference only: int8 buffers take no gradient.
@@ -153,7 +306,7 @@ def quantize_model(model: nn.Module, mode: str = "int8", dtype: Optional[torch.d
     dtype = dtype or default_dtype(param.device, param.dtype)
     tied = model.lm_head.weight is model.wte.weight
     for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-        _replace(model, name, Int8Linear.from_linear(linear, dtype))
+        _replace(model, name, quantized_linear(linear, mode, dtype))
     if tied:
         model.wte = Int8Embedding(head=model.lm_head)
     else:
@@ -183,7 +336,7 @@ def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device:
 
     Matrices are read from the safetensors file a slab of rows at a time with plain reads (a
     memory map would keep every page it touched resident) and quantized at once, so the peak
-    memory is about the int8 model, not the full-precision one.
+    memory is about the quantized model, not the full-precision one.
     """
     from .checkpoint import WEIGHTS, load_config, resolve
     from .hf.weights import SafetensorsFile
@@ -208,10 +361,16 @@ def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device:
         def int8(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             return quantize_rows((slab for _, slab in f.rows(name)), f.shape(name))
 
-        for full in [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        def int4(name: str) -> tuple[torch.Tensor, ...]:
+            return quantize_rows_int4((slab for _, slab in f.rows(name)), f.shape(name))
+
+        for full, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
             source = "wte.weight" if tied and full == "lm_head" else f"{full}.weight"
             bias = f.read(f"{full}.bias") if f"{full}.bias" in expected else None
-            _replace(model, full, Int8Linear(*int8(source), bias, dtype))
+            if mode == "int4" and int4_ok(linear.in_features):
+                _replace(model, full, Int4Linear(*int4(source), bias, dtype))
+            else:
+                _replace(model, full, Int8Linear(*int8(source), bias, dtype))
         model.wte = Int8Embedding(head=model.lm_head) if tied else Int8Embedding(*_scaled(int8("wte.weight"), dtype))
         rest = {name: f.read(name, dtype) for name, _ in model.named_parameters()}
     except (OSError, ValueError, KeyError, CheckpointError) as e:

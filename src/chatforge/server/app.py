@@ -64,7 +64,7 @@ def load_service(config: ServeConfig, metrics: Metrics) -> ModelService:
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    model, tokenizer = load(config.model, device=config.device, dtype=config.dtype)
+    model, tokenizer = load(config.model, device=config.device, dtype=config.dtype, quantize=config.quantize)
     return ModelService(model, tokenizer, config, metrics, served_name(config))
 
 

@@ -23,6 +23,7 @@ class ServeConfig:
     db: Optional[str] = None  # SQLite file of the web page's conversations; default: default_db_path()
     device: str = "auto"
     dtype: Optional[str] = None  # fp32, bf16, fp16; None = the checkpoint's
+    quantize: Optional[str] = None  # int8 or int4 weight-only linear layers; None = full precision
     threads: Optional[int] = None  # torch CPU threads; None = torch's default (tiny models run best on 1)
     max_batch: int = 16  # sequences decoded together in one forward pass
     max_queue: int = 64  # requests waiting for a batch slot; one more is answered 429 at once
@@ -49,6 +50,8 @@ class ServeConfig:
                                   f"(see `chatforge serve --help`)")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"unknown log_level {self.log_level!r}; use critical, error, warning, info or debug")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ConfigError(f"unknown quantize {self.quantize!r}; use int8 or int4 (or leave it out)")
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
 
@@ -66,6 +69,7 @@ HELP = {
     "db": f"SQLite file for the web page's conversations (default: your data directory, or ${DB_ENV})",
     "device": "auto, cpu, cuda or mps (default auto)",
     "dtype": "fp32, bf16 or fp16 (default: the checkpoint's)",
+    "quantize": "int8 or int4 weight-only linear layers (default: full precision)",
     "threads": "torch CPU threads (default: torch's choice; tiny models run best on 1)",
     "max_batch": "sequences decoded together in one forward pass (default 16)",
     "max_queue": "requests that may wait for a batch slot; more get 429 at once (default 64)",
