@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--only B1,B1-converge,B2,B3,B4,B5,compile] [--threads N] [--rounds N]
+"""python -m benchmarks [--quick] [--only B1,B1-converge,B2,B3,B4,B4-125m,B5,compile] [--threads N] [--rounds N]
 
 Runs the benchmarks side by side with their peers, prints the ratios, merges the results into
 benchmarks/results/latest.json and renders docs/benchmarks.md from it (both paths can be changed).
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import shlex
 import sys
@@ -20,7 +19,7 @@ import torch
 from . import report
 from .common import ROOT, load_average, machine
 
-ALL = ("B1", "B1-converge", "B2", "B3", "B4", "B5", "compile")
+ALL = ("B1", "B1-converge", "B2", "B3", "B4", "B4-125m", "B5", "compile")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -71,15 +70,15 @@ def run_selected(args: argparse.Namespace, save: Callable[[dict[str, dict]], Non
             if name in args.only:
                 record(name, both[name], t0, load)
     if "B4" in args.only:
+        from . import serve_load
+
         t0, load = time.perf_counter(), load_average()
-        try:
-            serve_load = importlib.import_module(f"{__package__}.serve_load")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.serve_load":
-                raise
-            record("B4", {"skipped": "benchmarks/serve_load.py is not here yet"}, t0, load)
-        else:
-            record("B4", serve_load.run(quick=args.quick), t0, load)
+        record("B4", serve_load.run(quick=args.quick), t0, load)
+    if "B4-125m" in args.only:
+        from . import serve_load
+
+        t0, load = time.perf_counter(), load_average()
+        record("B4-125m", serve_load.run_shape("gpt-neo-125m", "bf16", quick=args.quick), t0, load)
     if "B5" in args.only:
         from . import memory
 

@@ -2,7 +2,7 @@
 
 B2: batch-1 greedy decoding, a 32-token prompt and 128 new tokens, GPT-Neo-125M shape with random
 weights; chatforge and GPTNeoForCausalLM (built from the same weights) in fp32 and bf16, plus
-chatforge's int8 weight-only mode. tokens/s = new tokens / wall time of the whole call (prefill
+chatforge's int8 and int4 weight-only modes. tokens/s = new tokens / wall time of the whole call (prefill
 included, as a user waits for it). Each figure is also given as a share of its memory-bandwidth
 bound: bandwidth (measured in the same run) / bytes of weights read per token.
 
@@ -45,7 +45,7 @@ def decode_weight_bytes(model) -> int:
 
 
 def build_contenders(quick: bool) -> tuple[dict, dict]:
-    """{name: (kind, model)} for chatforge fp32/bf16/int8 and the peer's fp32/bf16, all from one set of weights."""
+    """{name: (kind, model)} for chatforge fp32/bf16/int8/int4 and the peer's fp32/bf16, all from one set of weights."""
     torch.manual_seed(0)
     config = _config(quick)
     from chatforge.model import Transformer
@@ -56,7 +56,8 @@ def build_contenders(quick: bool) -> tuple[dict, dict]:
         "transformers fp32": ("hf", hf_peer(base, torch.float32)),
         "chatforge bf16": ("chatforge", copy.deepcopy(base).to(torch.bfloat16)),
         "transformers bf16": ("hf", hf_peer(base, torch.bfloat16)),
-        "chatforge int8": ("chatforge", quantize_model(copy.deepcopy(base), dtype=torch.bfloat16)),
+        "chatforge int8": ("chatforge", quantize_model(copy.deepcopy(base), "int8", dtype=torch.bfloat16)),
+        "chatforge int4": ("chatforge", quantize_model(copy.deepcopy(base), "int4", dtype=torch.bfloat16)),
     }
     info = {name: {"weight_bytes_per_token": decode_weight_bytes(m) if kind == "chatforge" else
                    decode_weight_bytes(models[name.replace("transformers", "chatforge")][1]),

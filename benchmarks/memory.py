@@ -41,7 +41,7 @@ Engine(model, tok).generate(list(range(1, 17)), max_new_tokens=16, temperature=0
 print(json.dumps({"base": base, "peak": status("VmHWM"), "peak_after_load": loaded}))
 """
 
-MODES = {"fp32": ("fp32", "none"), "bf16": ("bf16", "none"), "int8": ("auto", "int8")}
+MODES = {"fp32": ("fp32", "none"), "bf16": ("bf16", "none"), "int8": ("auto", "int8"), "int4": ("auto", "int4")}
 
 
 def measure(path: Path, mode: str, threads: int) -> dict:
@@ -68,8 +68,10 @@ def run(quick: bool = False, threads: int = 1) -> dict:
             "int8_over_fp32_peak": rows["int8"]["peak"] / fp32["peak"],
             "int8_over_fp32_added": rows["int8"]["added"] / fp32["added"],
             "bf16_over_fp32_peak": rows["bf16"]["peak"] / fp32["peak"],
+            "int4_over_fp32_peak": rows["int4"]["peak"] / fp32["peak"],
         }
     last = result["shapes"][presets[-1]]
     result["ratios"] = {"int8/fp32 peak (largest)": last["int8_over_fp32_peak"],
-                        "int8/fp32 added (largest)": last["int8_over_fp32_added"]}
+                        "int8/fp32 added (largest)": last["int8_over_fp32_added"],
+                        "int4/fp32 peak (largest)": last["int4_over_fp32_peak"]}
     return result

@@ -8,7 +8,8 @@ TARGETS = {
     "B1-converge": "chatforge reaches val loss 1.88 in <= 1/3 of the nanoGPT recipe's wall time",
     "B2": "fp32 >= 1.5x generate(); fastest mode >= 3x generate()'s fastest and >= 70% of its bandwidth bound",
     "B3": ">= 2x generate()'s fastest prefill",
-    "B4": "8 clients >= 4x the tokens/s of 1 client, no failed request",
+    "B4": "8 clients >= 4x the tokens/s of 1 client, no failed request (demo model)",
+    "B4-125m": "the same, serving a GPT-Neo-125M-shaped model in bf16",
     "B5": "int8 peak memory <= 0.35x fp32's",
     "compile": "torch.compile used only where it pays; compiled equal to eager",
 }
@@ -43,7 +44,8 @@ def markdown(data: dict) -> str:
         out.append(f"| {name} | {target} | {_verdict(name, results.get(name))} |")
     out.append("")
     out += _notes(results)
-    for name, render in (("B1", _b1), ("B1-converge", _b1c), ("B2", _b2), ("B3", _b3), ("B4", _b4), ("B5", _b5),
+    for name, render in (("B1", _b1), ("B1-converge", _b1c), ("B2", _b2), ("B3", _b3), ("B4", _b4), ("B4-125m", _b4),
+                         ("B5", _b5),
                          ("compile", _compile)):
         r = results.get(name)
         out.append(f"## {name}: {_TITLES[name]}")
@@ -62,7 +64,7 @@ def markdown(data: dict) -> str:
 
 
 _TITLES = {"B1": "training tokens/s", "B1-converge": "wall time to validation loss 1.88",
-           "B2": "batch-1 decoding", "B3": "prefill (time to first token)", "B4": "serving load",
+           "B2": "batch-1 decoding", "B3": "prefill (time to first token)", "B4": "serving load", "B4-125m": "serving load, 125M-shaped model in bf16",
            "B5": "peak memory to load and generate", "compile": "torch.compile, measured"}
 
 
@@ -97,11 +99,12 @@ def _verdict(name: str, r: Optional[dict]) -> str:
         return f"fastest {_x(ratios.get('fastest'))} (fp32 {_x(ratios.get('fp32'))}, bf16 {_x(ratios.get('bf16'))})"
     if name == "B5":
         return (f"int8/fp32 peak {ratios.get('int8/fp32 peak (largest)', 0):.2f}, added "
-                f"{ratios.get('int8/fp32 added (largest)', 0):.2f} (largest shape)")
+                f"{ratios.get('int8/fp32 added (largest)', 0):.2f} (largest shape); int4/fp32 peak "
+                f"{ratios.get('int4/fp32 peak (largest)', 0):.2f}")
     if name == "compile":
         return (f"decode {_x(ratios.get('decode speedup'))}, training {_x(ratios.get('train speedup'))} "
                 f"(compiled / eager speed); logits within {r['decode']['max_rel_logit_diff']:.1e} (relative)")
-    if name == "B4":
+    if name in ("B4", "B4-125m"):
         return "; ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ratios.items()) or "see below"
     return ""
 
@@ -178,7 +181,8 @@ def _b4(r: dict) -> list[str]:
     if not rows or not isinstance(rows, list):
         return ["```json", json.dumps({k: v for k, v in r.items() if k != "machine"}, indent=1, default=str), "```", ""]
     keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
-    out = [f"Model `{r.get('model')}`, {r.get('tokens_per_request')} tokens per request, "
+    out = [f"Model `{r.get('model')}` ({r.get('dtype', 'the checkpoint')} weights), {r.get('tokens_per_request')} "
+           "tokens per request, "
            f"{r.get('requests_per_client')} requests per client, {r.get('rounds')} rounds, "
            f"server threads {r.get('server_threads')}.", "",
            "| " + " | ".join(keys) + " |", "|" + " ---: |" * len(keys)]
@@ -197,9 +201,11 @@ def _b5(r: dict) -> list[str]:
         for mode, row in s["rows"].items():
             out.append(f"| {shape} | {mode} | {row['peak'] / 2**20:.0f} | {row['added'] / 2**20:.0f} | "
                        f"{row['peak_after_load'] / 2**20:.0f} |")
-    out += ["", "| shape | int8/fp32 peak | int8/fp32 added | bf16/fp32 peak |", "| --- | ---: | ---: | ---: |"]
+    out += ["", "| shape | int8/fp32 peak | int8/fp32 added | bf16/fp32 peak | int4/fp32 peak |",
+            "| --- | ---: | ---: | ---: | ---: |"]
     out += [f"| {shape} | {s['int8_over_fp32_peak']:.2f} | {s['int8_over_fp32_added']:.2f} | "
-            f"{s['bf16_over_fp32_peak']:.2f} |" for shape, s in r["shapes"].items()]
+            f"{s['bf16_over_fp32_peak']:.2f} | {s.get('int4_over_fp32_peak', float('nan')):.2f} |"
+            for shape, s in r["shapes"].items()]
     out.append("")
     return out
 

@@ -17,6 +17,7 @@ import asyncio
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Optional
 
 import httpx
@@ -106,7 +107,7 @@ def summarize(clients: int, rounds: list[dict]) -> dict:
 
 def run(quick: bool = False, model: Optional[str] = None, tokens: Optional[int] = None,
         requests: Optional[int] = None, levels: tuple[int, ...] = LEVELS, threads: int = 1,
-        rounds: Optional[int] = None) -> dict:
+        rounds: Optional[int] = None, dtype: Optional[str] = None) -> dict:
     """B4: start `chatforge serve` (the demo model unless `model`) and load it at each concurrency level.
 
     The levels run interleaved, `rounds` times over (so a change in the machine's load hits every
@@ -119,6 +120,8 @@ def run(quick: bool = False, model: Optional[str] = None, tokens: Optional[int] 
             "--log-level", "warning", "--db", ":memory:"]
     if model:
         args += ["--model", model]
+    if dtype:
+        args += ["--dtype", dtype]
     measured: dict[int, list[dict]] = {n: [] for n in levels}
     with ServerProcess(*args) as server:
         served = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
@@ -134,15 +137,41 @@ def run(quick: bool = False, model: Optional[str] = None, tokens: Optional[int] 
     failed = sum(r["failed"] for r in rows)
     ratios["failed requests"] = failed
     key = "8 clients / 1 client tokens/s"
-    return {"model": served, "server_threads": threads, "tokens_per_request": tokens, "requests_per_client": requests,
+    return {"model": served, "dtype": dtype or "the checkpoint's", "server_threads": threads, "tokens_per_request": tokens, "requests_per_client": requests,
             "rounds": rounds, "rows": rows, "ratios": ratios,
             "target": "8 clients >= 4x the tokens/s of 1 client, no failed request",
             "target_met": bool(ratios.get(key, 0) >= 4 and failed == 0)}
 
 
+def run_shape(preset: str = "gpt-neo-125m", dtype: str = "bf16", quick: bool = False, tokens: int = 64,
+              rounds: Optional[int] = None) -> dict:
+    """B4 on a model of a real size: `preset`'s shape with random weights and the demo model's tokenizer
+    and chat template, served in `dtype`. The demo model is so small that a decoding step is mostly
+    fixed per-token costs; at this size the step is the weights' matrix multiplies, as for a user's model."""
+    import tempfile
+
+    import torch
+
+    from chatforge.checkpoint import save_checkpoint
+    from chatforge.config import ModelConfig
+    from chatforge.loader import load
+    from chatforge.model import Transformer
+
+    _, tok = load(None, device="cpu")
+    overrides = dict(n_layer=2, n_embd=64, n_head=2) if quick else {}
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp) / preset, Transformer(ModelConfig.preset(preset, vocab_size=tok.vocab_size,
+                                                                          **overrides)), tok)
+        result = run(quick, str(Path(tmp) / preset), tokens=16 if quick else tokens, rounds=rounds, dtype=dtype)
+    result["model"] = f"{preset} shape{' (quick: 2x64)' if quick else ''}, random weights, demo tokenizer"
+    return result
+
+
 def table(result: dict) -> str:
     """The result as a Markdown table."""
-    lines = [f"model {result['model']}, {result['tokens_per_request']} tokens per request, "
+    lines = [f"model {result['model']} ({result.get('dtype', 'the checkpoint')} weights), "
+             f"{result['tokens_per_request']} tokens per request, "
              f"{result['requests_per_client']} requests per client per round, {result['rounds']} interleaved rounds "
              f"(median round shown), server on {result['server_threads']} torch thread(s)", "",
              "| clients | requests | failed | tokens/s | spread | vs 1 client | TTFT p50 ms | TTFT p95 ms | ITL p50 ms "
@@ -164,9 +193,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--requests", type=int, default=None, help="requests per client per round (default 2)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds over the levels (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (default 1)")
+    p.add_argument("--dtype", default=None, help="the server's --dtype (default: the checkpoint's)")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
-    result = run(args.quick, args.model, args.tokens, args.requests, threads=args.threads, rounds=args.rounds)
+    result = run(args.quick, args.model, args.tokens, args.requests, threads=args.threads, rounds=args.rounds,
+                 dtype=args.dtype)
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -21,11 +21,12 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"B1", "B1-converge", "B2", "B3", "B5"}
     b2 = results["B2"]
-    assert {"chatforge fp32", "transformers fp32", "chatforge bf16", "transformers bf16", "chatforge int8"} <= set(b2["rows"])
+    assert {"chatforge fp32", "transformers fp32", "chatforge bf16", "transformers bf16", "chatforge int8",
+            "chatforge int4"} <= set(b2["rows"])
     assert b2["ratios"]["fp32"] > 0 and b2["bandwidth_GBps"] > 0
     assert b2["greedy_tokens_equal_to_peer"]["fp32"]  # same weights, same greedy tokens
     assert results["B1"]["ratios"]["gpt2-layout fp32"] > 0
-    assert set(results["B5"]["shapes"]["test"]["rows"]) == {"fp32", "bf16", "int8"}
+    assert set(results["B5"]["shapes"]["test"]["rows"]) == {"fp32", "bf16", "int8", "int4"}
     for r in results.values():
         assert r["quick"] and r["command"].startswith("python -m benchmarks") and r["machine"]["cores"] >= 1
     text = md.read_text()
@@ -42,3 +43,18 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
 def test_unknown_benchmark_is_refused():
     done = run_benchmarks("--only", "B9")
     assert done.returncode == 2 and "unknown benchmark" in done.stderr
+
+
+def test_quick_serving_benchmarks_load_a_real_server(tmp_path):
+    """B4 and B4-125m start `chatforge serve`, stream from 1-16 clients and count every token."""
+    out, md = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    done = run_benchmarks("--only", "B4,B4-125m", "--json", str(out), "--markdown", str(md))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    for name in ("B4", "B4-125m"):
+        rows = results[name]["rows"]
+        assert [r["clients"] for r in rows] == [1, 4, 8, 16]
+        for r in rows:  # quick: one 16-token request per client, all of them answered in full
+            assert r["failed"] == 0 and r["completion_tokens"] == 16 * r["clients"] and r["tokens_per_s"] > 0
+    assert results["B4-125m"]["dtype"] == "bf16" and "gpt-neo-125m shape" in results["B4-125m"]["model"]
+    assert "## B4-125m: serving load, 125M-shaped model in bf16" in md.read_text()
