@@ -166,7 +166,7 @@ def nanogpt_config(out: Path, max_steps: int) -> TrainConfig:
                          weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, precision="fp32", seed=1337)
 
 
-def recipe_config(out: Path, max_steps: int, precision: str = "fp32") -> TrainConfig:
+def recipe_config(out: Path, max_steps: int, precision: str = "auto") -> TrainConfig:
     """recipes/shakespeare_char.sh: the same flags."""
     return _train_config(out, batch_size=12, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=max_steps,
                          schedule="cosine", weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
@@ -190,7 +190,7 @@ class Evaluator:
 
 
 def converge(data_dir: Path, vocab: int, quick: bool = False, eval_every: int = 50, eval_batches: int = 50,
-             target: float = TARGET_LOSS, recipe_precision: str = "fp32") -> dict:
+             target: float = TARGET_LOSS, recipe_precision: str = "auto") -> dict:
     """Wall time (training only) for each recipe to first reach `target` validation loss."""
     nano_steps, recipe_steps = (40, 20) if quick else (2000, 750)
     eval_every = 10 if quick else eval_every
@@ -227,7 +227,7 @@ def converge(data_dir: Path, vocab: int, quick: bool = False, eval_every: int = 
             ratio = ours_row["seconds_to_target"] / peer_row["final_seconds"]
             basis = "the nanoGPT recipe did not reach the target: chatforge's time over its whole run (an upper bound)"
     return {"target_val_loss": target, "eval_every": eval_every, "eval_batches": eval_batches,
-            "rows": rows, "ratios": {"wall_time_fraction": ratio}, "ratio_basis": basis}
+            "recipe_precision": trainer.precision, "rows": rows, "ratios": {"wall_time_fraction": ratio}, "ratio_basis": basis}
 
 
 class _Run:

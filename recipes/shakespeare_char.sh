@@ -7,7 +7,8 @@
 # reaches ~1.88. The same shape with rotary positions, a SwiGLU MLP and RMSNorm (the Llama
 # layout) learns faster per step, so with lr 3e-3 it gets there in 750 steps, ~2.7x fewer.
 # The split is nanoGPT's: the first 90% of the file trains, the last 10% validates.
-# fp32, not bf16: at this size bf16 autocast costs more on a CPU than it saves.
+# --precision auto: bf16 autocast where the CPU has native bf16 (AMX / AVX-512 BF16; 1.2x faster per
+# step at this size, the same loss curve), fp32 elsewhere.
 # The char tokenizer keeps 256 byte-fallback tokens, so the vocabulary is ~333, not 65.
 # An existing OUT_DIR is refused: remove it, or pass --resume to continue it.
 set -euo pipefail
@@ -23,4 +24,4 @@ chatforge pretrain --data "$DATA" --out-dir "$OUT" --tokenizer char --val-fracti
     --lr 3e-3 --min-lr 3e-4 --warmup-steps 50 --schedule cosine \
     --weight-decay 0.1 --beta1 0.9 --beta2 0.99 --grad-clip 1.0 \
     --eval-interval 250 --eval-iters 50 --log-interval 50 \
-    --precision fp32 --seed 1337 "$@"
+    --precision auto --seed 1337 "$@"
