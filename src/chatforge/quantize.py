@@ -224,6 +224,7 @@ class Int4Linear(nn.Module):
         # (in / group, padded out, 2): scale and zero, the kernel's layout
         self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self._decide()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int4Linear":
@@ -233,17 +234,29 @@ class Int4Linear(nn.Module):
     def kernel_ok(self) -> bool:
         return self.weight.device.type == "cpu" and _kernel_layout_matches()
 
+    def _decide(self) -> None:
+        """Whether decoding rows may use the kernel, decided once per placement: forward runs once per
+        layer per token, so its own checks must cost next to nothing."""
+        self._kernel, self._padded = self.kernel_ok, self.weight.shape[0] != self.out_features
+
+    def _apply(self, fn, recurse=True):  # .to() / .cpu() / .cuda(): decide again
+        out = super()._apply(fn, recurse)
+        self._decide()
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= INT4_MM_MAX_ROWS and x.dtype == self.scales_zeros.dtype and self.kernel_ok:
+        padded = self._padded
+        if x2.shape[0] <= INT4_MM_MAX_ROWS and self._kernel and x.dtype == self.scales_zeros.dtype:
             y = _INT4_MM(x2.contiguous(), self.weight, INT4_GROUP, self.scales_zeros)
         else:  # compute-bound: unpack the layer once, use the fast GEMM
             y = x2 @ self._unpacked_t(x.dtype)
-        y = y[:, :self.out_features]
+        if padded:
+            y = y[:, :self.out_features]
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+            y = y.add_(self.bias) if not padded else y + self.bias  # a fresh output: add in place
+        return y.view(*lead, self.out_features) if not padded else y.reshape(*lead, self.out_features)
 
     def _unpacked_t(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight transposed, (in, padded out), in `dtype`: written input-major straight from the
