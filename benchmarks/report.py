@@ -250,12 +250,14 @@ def _notes(results: dict) -> list[str]:
         out.append(f"- **B2 fastest**: {fastest} is chatforge's fastest mode ({_x(b2['ratios']['fastest'])} "
                    f"generate()'s fastest) but runs at {best['pct_of_bound']:.0f}% of its own bandwidth bound "
                    f"({best['weight_bytes_per_token'] / 1e6:.0f} MB per token; {others} for the other modes). "
-                   "The quantized kernels do not stream weights at the bus's rate: torch's int4 and int8 kernels "
-                   "unpack or widen each weight and multiply in float on two cores, reaching about 10 GB/s on this "
-                   "model's matrices (measured alone: 4.1 ms per token for the 48 block matrices in int4, 10.5 ms "
-                   "in int8), and what a token costs besides them (attention over the cache, norms, residual adds, "
-                   "the sampler, Python dispatch: about 4 ms) weighs more as the matrices shrink. 70% of the bound "
-                   f"would mean {1e3 / (0.7 * best['bound_tokens_per_s']):.1f} ms per token for everything.")
+                   "The quantized kernels do not stream weights at the bus's rate: they are compute-bound. "
+                   "torch's int4 kernel unpacks each weight and multiplies in float; measured alone on this "
+                   "model's 48 block matrices it takes 10.4 ms per token on one thread and 5.0-6.4 ms on two "
+                   "(about 10 GB/s of weights at best; the int8 kernel and int8 x int8 `_int_mm` do no better per "
+                   "byte). What a token costs besides the matrices (attention over the cache, norms, residual "
+                   "adds, the sampler, Python dispatch: 2-4 ms) weighs more as the matrices shrink. 70% of the "
+                   f"bound would mean {1e3 / (0.7 * best['bound_tokens_per_s']):.1f} ms per token for everything; "
+                   "it would take a hand-written SIMD kernel, which torch 2.13 does not ship for the CPU.")
     b3 = results.get("B3")
     if b3 and "ratios" in b3:
         out.append("- **B3**: a 512-token prefill is compute-bound: in chatforge's bf16 prefill the matrix multiplies "
@@ -265,7 +267,9 @@ def _notes(results: dict) -> list[str]:
     b4, b4m = results.get("B4"), results.get("B4-125m")
     if b4 and "ratios" in b4:
         key = "8 clients / 1 client tokens/s"
-        line = (f"- **B4** (demo model, {b4['ratios'].get(key, 0):.2f}x): the demo model (4 layers, width 256) is so "
+        ratio = b4["ratios"].get(key, 0)
+        line = (f"- **B4** (demo model, {ratio:.2f}x in this run: {'met' if ratio >= 4 else 'missed'}; it moves "
+                "between about 2.5x and 4.6x from run to run on this shared machine): the demo model (4 layers, width 256) is so "
                 "small that a decoding step is mostly costs that grow with the batch: on one thread MKL's fp32 "
                 "matrix multiply takes about twice as long for 8 rows as for 1 at its sizes (measured alone: 1.8 "
                 "vs 0.9 ms for the model's 17 matrices), and each request's chunks are encoded and written by the "
