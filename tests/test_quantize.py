@@ -19,8 +19,8 @@ from chatforge.engine import Engine
 from chatforge.errors import ChatforgeError
 from chatforge.loader import load
 from chatforge.model import Transformer
-from chatforge.quantize import (INT4_MM_MAX_ROWS, Int4Linear, Int8Embedding, Int8Linear, pack_int4,
-                                quantize_int4, quantize_int8, quantize_model, weight_bytes)
+from chatforge.quantize import (INT4_MM_MAX_ROWS, Int4Linear, Int8Embedding, Int8Linear, pack_int4, padded_rows,
+                                quantize_int4, quantize_int8, quantize_model, quantize_rows_int4, weight_bytes)
 
 FP32_TOL, BF16_TOL = 0.03, 0.05
 LAYOUTS = {
@@ -151,6 +151,18 @@ def test_quantize_int4_round_trip():
     back = (q.float().view(8, 4, 64) - 8) * scale[..., None] + zero[..., None]
     assert torch.all(back[2, 1] == 0)
     assert torch.all((back - w.view(8, 4, 64)).abs() <= scale[..., None] / 2 + 1e-6)  # half a step per group
+
+
+def test_int4_quantized_in_row_chunks_equals_all_at_once():
+    """Loading quantizes odd-sized row chunks through a staging buffer: several full flushes and a
+    partly filled last block must give exactly what quantizing the whole matrix gives."""
+    w = torch.randn(2500, 128)
+    q, scale, zero = quantize_int4(w)
+    packed, s2, z2 = quantize_rows_int4((c.clone() for c in w.split(700)), (2500, 128))
+    extra = padded_rows(2500) - 2500
+    assert packed.shape == (2560, 64) and extra == 60
+    assert torch.equal(packed, pack_int4(torch.cat([q, q.new_zeros(extra, 128)])))
+    assert torch.equal(s2[:2500], scale) and torch.equal(z2[:2500], zero) and not s2[2500:].any()
 
 
 @pytest.mark.parametrize("layout", ["gpt", "llama-untied"])

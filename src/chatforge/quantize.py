@@ -153,6 +153,7 @@ _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 INT4_GROUP = 64  # inputs that share one scale and zero point
 INT4_BLOCK = 64  # output rows per block of the CPU kernel's packed layout
 INT4_MM_MAX_ROWS = 32  # more rows than this: unpacking the layer for a real GEMM is faster (measured)
+_STAGE_BLOCKS = 16  # blocks quantized and packed together while loading
 
 
 def int4_ok(in_features: int) -> bool:
@@ -160,39 +161,77 @@ def int4_ok(in_features: int) -> bool:
     return in_features % INT4_GROUP == 0
 
 
+def padded_rows(rows: int) -> int:
+    """Rows rounded up to whole INT4_BLOCKs, as the packed layout needs (the extra rows are zero)."""
+    return -(-rows // INT4_BLOCK) * INT4_BLOCK
+
+
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric per-group int4: (q uint8 in [0, 15], scale, zero), each (out, in / INT4_GROUP) in fp32,
     with weight ~ (q - 8) * scale + zero group by group."""
-    w = weight.detach().to(torch.float32)
-    rows, cols = w.shape
-    g = w.reshape(rows, cols // INT4_GROUP, INT4_GROUP)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp_(min=1e-12)  # an all-zero group stays zero
-    q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
-    return q.view(rows, cols), scale, lo + 8 * scale
+    rows, cols = weight.shape
+    q = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
+    scale, zero = (torch.empty(rows, cols // INT4_GROUP, device=weight.device) for _ in range(2))
+    _quantize_int4_into(weight.detach().to(torch.float32, copy=True), q, scale, zero)
+    return q, scale, zero
+
+
+def _quantize_int4_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+    """Quantize fp32 rows `w` into q, scale and zero, using w itself as the scratch space (while
+    loading, a temporary the size of w would be a hole the allocator keeps)."""
+    g = w.view(w.shape[0], -1, INT4_GROUP)
+    lo = g.amin(-1)
+    torch.sub(g.amax(-1), lo, out=scale)
+    scale.div_(15).clamp_(min=1e-12)  # an all-zero group stays zero
+    torch.add(lo, scale, alpha=8, out=zero)
+    q.view(g.shape).copy_(g.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15))
 
 
 def quantize_rows_int4(chunks: Iterable[torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    """quantize_int4 of a matrix handed over in row chunks, one chunk in full precision at a time."""
-    q = torch.empty(shape, dtype=torch.uint8)
-    scale, zero = (torch.empty(shape[0], shape[1] // INT4_GROUP) for _ in range(2))
-    start = 0
+    """(packed, scale, zero) of a matrix handed over in row chunks (used as scratch), rows padded to
+    whole blocks. Rows are quantized into a small staging buffer and packed from there whenever it
+    fills, so the only matrix-sized buffers are the results."""
+    rows, cols = shape
+    padded = padded_rows(rows)
+    packed = torch.empty(padded, cols // 2, dtype=torch.uint8)
+    scale, zero = (torch.zeros(padded, cols // INT4_GROUP) for _ in range(2))
+    stage = torch.zeros(min(padded, _STAGE_BLOCKS * INT4_BLOCK), cols, dtype=torch.uint8)
+    done = filled = 0  # rows packed; rows waiting in the stage
+
+    def flush(n: int) -> None:
+        packed[done:done + n] = pack_int4(stage[:n])
+
     for chunk in chunks:
-        end = start + chunk.shape[0]
-        q[start:end], scale[start:end], zero[start:end] = quantize_int4(chunk)
-        start = end
-    if start != shape[0]:
-        raise ValueError(f"expected {shape[0]} rows, got {start}")
-    return q, scale, zero
+        chunk = chunk if chunk.dtype == torch.float32 else chunk.float()
+        pos = 0
+        while pos < chunk.shape[0]:
+            take = min(stage.shape[0] - filled, chunk.shape[0] - pos)
+            at = done + filled
+            _quantize_int4_into(chunk[pos:pos + take], stage[filled:filled + take], scale[at:at + take],
+                                zero[at:at + take])
+            pos, filled = pos + take, filled + take
+            if filled == stage.shape[0]:
+                flush(filled)
+                done, filled = done + filled, 0
+    if done + filled != rows:
+        raise ValueError(f"expected {rows} rows, got {done + filled}")
+    if filled:  # the last, partly filled blocks: zero rows below the real ones
+        stage[filled:].zero_()
+        flush(padded - done)
+    return packed, scale, zero
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(N, K) values in [0, 15], N a multiple of INT4_BLOCK -> (N, K / 2) bytes in the CPU kernel's
-    layout: blocks of 64 output rows, each stored input by input, byte j = row j | row j + 32 << 4."""
+    layout: blocks of 64 output rows, each stored input by input, byte j = row j | row j + 32 << 4.
+    Packed 16 blocks at a time, so its temporaries stay small."""
     rows, cols = q.shape
-    v = q.view(rows // INT4_BLOCK, INT4_BLOCK, cols).transpose(1, 2)
-    half = INT4_BLOCK // 2
-    return (v[..., :half] | (v[..., half:] << 4)).contiguous().view(rows, cols // 2)
+    half, step = INT4_BLOCK // 2, 16 * INT4_BLOCK
+    out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=q.device)
+    for r in range(0, rows, step):
+        v = q[r:r + step].view(-1, INT4_BLOCK, cols).transpose(1, 2)
+        out[r:r + step].view(-1, cols, half).copy_(v[..., :half] | (v[..., half:] << 4))
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -212,15 +251,12 @@ def _kernel_layout_matches() -> bool:
 class Int4Linear(nn.Module):
     """A Linear layer with int4 weights, a scale and zero point per group of INT4_GROUP inputs."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: Optional[torch.Tensor],
-                 dtype: torch.dtype):
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: Optional[torch.Tensor],
+                 dtype: torch.dtype, out_features: int):
+        """packed: (padded rows, in / 2) from pack_int4; scale, zero: (padded rows, in / INT4_GROUP)."""
         super().__init__()
-        self.out_features, self.in_features = q.shape
-        padded = -(-self.out_features // INT4_BLOCK) * INT4_BLOCK  # whole blocks; extra rows are zero
-        if padded != self.out_features:
-            q = torch.cat([q, q.new_zeros(padded - self.out_features, self.in_features)])
-            scale, zero = (torch.cat([t, t.new_zeros(padded - t.shape[0], t.shape[1])]) for t in (scale, zero))
-        self.register_buffer("weight", pack_int4(q))
+        self.out_features, self.in_features = out_features, packed.shape[1] * 2
+        self.register_buffer("weight", packed)
         # (in / group, padded out, 2): scale and zero, the kernel's layout
         self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
@@ -228,7 +264,10 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int4Linear":
-        return cls(*quantize_int4(linear.weight), linear.bias, dtype)
+        q, scale, zero = quantize_int4(linear.weight)
+        extra = padded_rows(q.shape[0]) - q.shape[0]  # whole blocks; the extra rows are zero
+        q, scale, zero = (torch.cat([t, t.new_zeros(extra, t.shape[1])]) for t in (q, scale, zero))
+        return cls(pack_int4(q), scale, zero, linear.bias, dtype, linear.out_features)
 
     @property
     def kernel_ok(self) -> bool:
@@ -381,7 +420,7 @@ def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device:
             source = "wte.weight" if tied and full == "lm_head" else f"{full}.weight"
             bias = f.read(f"{full}.bias") if f"{full}.bias" in expected else None
             if mode == "int4" and int4_ok(linear.in_features):
-                _replace(model, full, Int4Linear(*int4(source), bias, dtype))
+                _replace(model, full, Int4Linear(*int4(source), bias, dtype, out_features=f.shape(source)[0]))
             else:
                 _replace(model, full, Int8Linear(*int8(source), bias, dtype))
         model.wte = Int8Embedding(head=model.lm_head) if tied else Int8Embedding(*_scaled(int8("wte.weight"), dtype))

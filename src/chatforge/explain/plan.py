@@ -36,7 +36,9 @@ from ..errors import ChatforgeError, ConfigError
 from .machine import GB, Machine, describe_machine
 
 TOKENS_PER_PARAM = 20  # Chinchilla (Hoffmann et al., 2022)
-BYTES = {"fp32": 4, "bf16": 2, "int8": 1}
+# bytes per weight: int4 adds a bf16 scale and zero point per group of 64 weights
+BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 64}
+QUANTIZED = ("int8", "int4")  # weight-only: activations and the KV cache stay bf16 (fp32 without bf16)
 HEADROOM = 0.9  # something fits when it needs at most 90% of the memory: the OS and allocator need the rest
 LOAD_OVERHEAD = 5_000_000  # bytes beyond the weights when loading: measured 4.5-4.7 MB on CPU
 
@@ -193,7 +195,7 @@ def lora_params(cfg: ModelConfig, rank: int) -> int:
 # --- memory ------------------------------------------------------------------------------------------
 
 def load_bytes(params: int, dtype: str) -> int:
-    return params * BYTES[dtype] + LOAD_OVERHEAD
+    return int(params * BYTES[dtype]) + LOAD_OVERHEAD
 
 
 def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int) -> int:
@@ -233,6 +235,13 @@ def finetune_memory(cfg: ModelConfig, params: int, batch: int, seq: int, bf16: b
     return {"full": full, "lora": lora}
 
 
+def _kv_bytes(dtype: str, machine: Machine) -> int:
+    """Bytes per cached key/value element: the activations' dtype (a quantized model's is bf16 or fp32)."""
+    if dtype in QUANTIZED:
+        return 2 if machine.bf16 else 4
+    return int(BYTES[dtype])
+
+
 # --- speed -----------------------------------------------------------------------------------------------
 
 def generation_tokens_per_s(cfg: ModelConfig, params: int, dtype: str, machine: Machine) -> float:
@@ -259,7 +268,7 @@ class Plan:
     seq_len: int
     lora_rank: int
     mfu: float
-    load: dict[str, dict[str, float]]  # fp32 | bf16 | int8 -> {bytes, fits, tokens_per_s, kv_cache_bytes_per_1k}
+    load: dict[str, dict[str, float]]  # fp32 | bf16 | int8 | int4 -> {bytes, fits, tokens_per_s, kv_cache_bytes_per_1k}
     finetune: dict[str, dict[str, float]]  # full | lora -> finetune_memory() + {fits, tokens_per_s}
     pretrain: dict[str, float]  # tokens, flops, seconds, tokens_per_s
     presets: list[dict[str, Any]]  # per preset: params and bytes to load / LoRA / fully fine-tune, fits
@@ -305,7 +314,7 @@ def plan(model: str | int | ModelConfig | dict, *, ram_gb: Optional[float] = Non
 
     load = {dtype: {"bytes": load_bytes(n, dtype), "fits": _fits(load_bytes(n, dtype), machine),
                     "tokens_per_s": generation_tokens_per_s(cfg, n, dtype, machine),
-                    "kv_cache_bytes_per_1k": kv_cache_bytes(cfg, 1000, b)} for dtype, b in BYTES.items()}
+                    "kv_cache_bytes_per_1k": kv_cache_bytes(cfg, 1000, _kv_bytes(dtype, machine))} for dtype in BYTES}
 
     train_rate = (machine.tflops_bf16 if machine.bf16 else machine.tflops_fp32) * 1e12 * mfu
     per_token = training_flops_per_token(cfg, n, seq)
@@ -382,6 +391,8 @@ def format_plan(p: Plan) -> str:
         f"{'  KV cache per 1k tokens':<30}" + "".join(f"{human_bytes(p.load[d]['kv_cache_bytes_per_1k']):>12}"
                                                        for d in BYTES),
         f"{'  generation tokens/s':<30}" + "".join(f"{_speed(p.load[d]['tokens_per_s']):>12}" for d in BYTES),
+        f"{'':<30}int8/int4: their memory-bandwidth bound; on a 2-core CPU torch's quantized",
+        f"{'':<30}kernels reached about 30% of it (docs/benchmarks.md, B2)",
         "",
         f"{f'fine-tune: batch {p.batch_size} x {p.seq_len} tokens, ' + ('bf16' if m.bf16 else 'fp32'):<50}"
         f"{'full':>12}{f'LoRA r={p.lora_rank}':>12}",
