@@ -224,9 +224,9 @@ def quantize_rows_int4(chunks: Iterable[torch.Tensor], shape: tuple[int, int]) -
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """(N, K) values in [0, 15], N a multiple of INT4_BLOCK -> (N, K / 2) bytes in the CPU kernel's
     layout: blocks of 64 output rows, each stored input by input, byte j = row j | row j + 32 << 4.
-    Packed 16 blocks at a time, so its temporaries stay small."""
+    Packed _STAGE_BLOCKS blocks at a time, so its temporaries stay small."""
     rows, cols = q.shape
-    half, step = INT4_BLOCK // 2, 16 * INT4_BLOCK
+    half, step = INT4_BLOCK // 2, _STAGE_BLOCKS * INT4_BLOCK
     out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=q.device)
     for r in range(0, rows, step):
         v = q[r:r + step].view(-1, INT4_BLOCK, cols).transpose(1, 2)
