@@ -137,8 +137,8 @@ def run(quick: bool = False, model: Optional[str] = None, tokens: Optional[int] 
     failed = sum(r["failed"] for r in rows)
     ratios["failed requests"] = failed
     key = "8 clients / 1 client tokens/s"
-    return {"model": served, "dtype": dtype or "the checkpoint's", "server_threads": threads, "tokens_per_request": tokens, "requests_per_client": requests,
-            "rounds": rounds, "rows": rows, "ratios": ratios,
+    return {"model": served, "dtype": dtype or "the checkpoint's", "server_threads": threads,
+            "tokens_per_request": tokens, "requests_per_client": requests, "rounds": rounds, "rows": rows, "ratios": ratios,
             "target": "8 clients >= 4x the tokens/s of 1 client, no failed request",
             "target_met": bool(ratios.get(key, 0) >= 4 and failed == 0)}
 

@@ -161,6 +161,10 @@ def test_budgets_and_recommendation():
     p = plan("gpt2-124m", gpu_gb=0.1, **STATED)  # a 100 MB GPU: mini (24 MB in bf16) fits, GPT-2 does not
     n = p.model.params
     assert p.load["fp32"]["bytes"] == load_bytes(n, "fp32") and p.load["int8"]["bytes"] < p.load["bf16"]["bytes"]
+    assert p.load["int4"]["bytes"] < 0.6 * p.load["int8"]["bytes"]  # half a byte per weight, plus group scales
+    # weight-only quantization keeps the activations' dtype for the KV cache (bf16 or fp32), not int8/int4
+    kv = {d: p.load[d]["kv_cache_bytes_per_1k"] for d in p.load}
+    assert kv["int8"] == kv["int4"] == kv["bf16" if p.machine.bf16 else "fp32"]
     assert not p.load["bf16"]["fits"] and p.recommend["inference"] == "mini"  # every larger preset is > 100M
     for goal, key in (("lora", "lora_bytes"), ("full_finetune", "full_bytes")):
         chosen = next(r for r in p.presets if r["preset"] == p.recommend[goal])
