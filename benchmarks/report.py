@@ -44,9 +44,8 @@ def markdown(data: dict) -> str:
         out.append(f"| {name} | {target} | {_verdict(name, results.get(name))} |")
     out.append("")
     out += _notes(results)
-    for name, render in (("B1", _b1), ("B1-converge", _b1c), ("B2", _b2), ("B3", _b3), ("B4", _b4), ("B4-125m", _b4),
-                         ("B5", _b5),
-                         ("compile", _compile)):
+    for name, render in (("B1", _b1), ("B1-converge", _b1c), ("B2", _b2), ("B3", _b3), ("B4", _b4),
+                         ("B4-125m", _b4), ("B5", _b5), ("compile", _compile)):
         r = results.get(name)
         out.append(f"## {name}: {_TITLES[name]}")
         out.append("")
@@ -64,8 +63,9 @@ def markdown(data: dict) -> str:
 
 
 _TITLES = {"B1": "training tokens/s", "B1-converge": "wall time to validation loss 1.88",
-           "B2": "batch-1 decoding", "B3": "prefill (time to first token)", "B4": "serving load", "B4-125m": "serving load, 125M-shaped model in bf16",
-           "B5": "peak memory to load and generate", "compile": "torch.compile, measured"}
+           "B2": "batch-1 decoding", "B3": "prefill (time to first token)", "B4": "serving load",
+           "B4-125m": "serving load, 125M-shaped model in bf16", "B5": "peak memory to load and generate",
+           "compile": "torch.compile, measured"}
 
 
 def _machine(results: dict) -> list[str]:
