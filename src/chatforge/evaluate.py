@@ -43,7 +43,8 @@ def evaluate(model: Union[str, Transformer], data: Union[str, Sequence[str]], *,
              text_column: Optional[str] = None, label_column: Optional[str] = None,
              text_pair_column: Optional[str] = None, batch_size: int = 16, max_length: Optional[int] = None,
              batches: Optional[int] = None, sentences: str = "auto", whole_word_mask: bool = False,
-             seed: int = 0, device: str = "auto", dtype: Optional[str] = None) -> dict[str, Any]:
+             seed: int = 0, device: str = "auto", dtype: Optional[str] = None,
+             quantize: Optional[str] = None) -> dict[str, Any]:
     """Score `model` (a name or checkpoint directory, or a Transformer with its `tokenizer`) on `data`.
 
     - classifier: `data` is a CSV/TSV/JSONL file; accuracy, macro-F1, per-class precision/recall/F1 and
@@ -52,11 +53,12 @@ def evaluate(model: Union[str, Transformer], data: Union[str, Sequence[str]], *,
       accuracy when the model has that head) on `batches` seeded batches (default: about one per
       `batch_size` sentences, at most 200).
     - causal LM: `data` is text; loss and perplexity over consecutive windows of the model's context.
+      quantize="int8" / "int4" scores the weight-only quantized model: what quantizing costs.
     """
     if isinstance(model, str) or model is None:
         from .loader import load
 
-        model, tokenizer = load(model, device=device, dtype=dtype)
+        model, tokenizer = load(model, device=device, dtype=dtype, quantize=_check_quantize(model, quantize))
     elif tokenizer is None:
         raise DataError("evaluate() needs the model's tokenizer along with a Transformer object")
     model.eval()
@@ -73,6 +75,24 @@ def evaluate(model: Union[str, Transformer], data: Union[str, Sequence[str]], *,
         return _masked_lm(model, tokenizer, files, batch_size, max_length, batches, sentences, whole_word_mask,
                           seed, device_)
     return _perplexity(model, tokenizer, files, batch_size, max_length, device_)
+
+
+def _check_quantize(model: Optional[str], quantize: Optional[str]) -> Optional[str]:
+    """quantize, once it is known not to be asked of an encoder or classifier (it serves generation models)."""
+    from .checkpoint import CheckpointError, read_config_json
+    from .quantize import check_mode
+
+    if check_mode(quantize) is None or not model or not Path(model).expanduser().is_dir():
+        return check_mode(quantize)
+    try:
+        data = read_config_json(Path(model).expanduser())
+    except CheckpointError:
+        return quantize  # the loader says what is wrong with the directory
+    if data.get("model_type", "chatforge") == "chatforge" and (data.get("task") == "classify"
+                                                               or not data.get("causal", True)):
+        kind = "a classifier" if data.get("task") == "classify" else "an encoder"
+        raise DataError(f"--quantize is for causal language models, and {model} is {kind}: evaluate it without it")
+    return quantize
 
 
 def _classifier(model, tok, path, text_column, label_column, pair_column, batch_size, max_length, device):

@@ -108,7 +108,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(args.model, args.data[0] if len(args.data) == 1 else args.data, text_column=args.text_column,
                       label_column=args.label_column, text_pair_column=args.text_pair_column,
                       batch_size=args.batch_size, max_length=args.max_length, sentences=args.sentences,
-                      whole_word_mask=args.whole_word_mask, seed=args.seed, device=args.device, dtype=args.dtype)
+                      whole_word_mask=args.whole_word_mask, seed=args.seed, device=args.device, dtype=args.dtype,
+                      quantize=args.quantize)
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0
 
@@ -192,5 +193,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, help="fp32 or bf16")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="score the weight-only quantized causal LM (what quantizing costs)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=cmd_eval)
