@@ -182,3 +182,27 @@ def test_position_beyond_learned_context_is_a_clear_error():
     model = Transformer(ModelConfig.preset("test", block_size=8))
     with pytest.raises(ChatforgeError, match="context is 8 tokens"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_fused_linear_gelu_matches_the_separate_ops(monkeypatch):
+    """Inference in bf16 on a CPU runs a GELU MLP's first layer and its GELU as one oneDNN call; it
+    must compute what the separate ops compute, and training (autograd on) must not take it."""
+    import chatforge.model as model_module
+
+    if model_module._LINEAR_POINTWISE is None:
+        pytest.skip("this torch has no oneDNN linear with a fused activation")
+    calls = []
+    fused = model_module._LINEAR_POINTWISE
+    monkeypatch.setattr(model_module, "_LINEAR_POINTWISE", lambda *a: calls.append(a[3:]) or fused(*a))
+    for mlp in ("gelu_tanh", "gelu"):
+        torch.manual_seed(0)
+        m = Transformer(ModelConfig.preset("test", mlp=mlp, n_embd=64, n_head=2)).to(torch.bfloat16)
+        ids = torch.randint(0, m.config.vocab_size, (2, 16))
+        calls.clear()
+        with torch.no_grad():
+            out = m(ids).float()
+        assert len(calls) == m.config.n_layer and calls[0][2] == ("tanh" if mlp == "gelu_tanh" else "none")
+        calls.clear()
+        ref = m(ids).float()  # autograd on: the separate ops
+        assert not calls
+        assert (out - ref).abs().max() <= 0.02 * ref.abs().max()

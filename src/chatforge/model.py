@@ -70,6 +70,10 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 # --- linear layers ----------------------------------------------------------------------
 
+# oneDNN's linear with a fused activation (what torch.compile's CPU backend calls); None without it
+_LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
 class Linear(nn.Linear):
     """nn.Linear that sends one row of reduced-precision input to torch's matrix-vector kernel.
 
@@ -83,6 +87,15 @@ class Linear(nn.Linear):
             y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
             return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.weight, self.bias)
+
+    def gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+        """GELU(self(x)). For many rows of bf16 on a CPU, outside autograd (inference, a prefill), one
+        oneDNN call applies the GELU as the multiply writes its output: run separately, torch's GELU
+        pass costs about as much as the multiply itself."""
+        if (_LINEAR_POINTWISE is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and x.numel() != x.shape[-1] and not torch.is_grad_enabled()):
+            return _LINEAR_POINTWISE(x, self.weight, self.bias, "gelu", [], approximate)
+        return F.gelu(self(x), approximate=approximate)
 
 
 # --- attention -------------------------------------------------------------------------
@@ -189,6 +202,8 @@ class MLP(nn.Module):
         self.proj = Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind in ("gelu", "gelu_tanh") and isinstance(self.fc, Linear):  # not a LoRA or quantized layer
+            return self.proj(self.fc.gelu(x, "tanh" if self.kind == "gelu_tanh" else "none"))
         h = self.fc(x)
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
