@@ -261,9 +261,10 @@ def _notes(results: dict) -> list[str]:
     b3 = results.get("B3")
     if b3 and "ratios" in b3:
         out.append("- **B3**: a 512-token prefill is compute-bound: in chatforge's bf16 prefill the matrix multiplies "
-                   "(AMX) take ~55% of the time, GELU-tanh ~16% and attention ~15% (torch profiler). These are torch "
-                   "kernels the peer calls as well, which caps how far apart the two can be "
-                   f"(fastest vs fastest: {_x(b3['ratios']['fastest'])}).")
+                   "(AMX; the first MLP layer with its GELU fused into one oneDNN call) take ~66% of the time, "
+                   "attention ~18%, copies into the KV cache and layouts ~5%, layer norms ~3% (torch profiler). The "
+                   "matrix multiplies and attention are the same torch kernels the peer calls, which caps how far "
+                   f"apart the two can be (fastest vs fastest: {_x(b3['ratios']['fastest'])}; 1.4x-1.9x across runs).")
     b4, b4m = results.get("B4"), results.get("B4-125m")
     if b4 and "ratios" in b4:
         key = "8 clients / 1 client tokens/s"
