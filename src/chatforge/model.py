@@ -7,6 +7,7 @@ any of those families runs on this one file.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -74,6 +75,20 @@ def make_norm(config: ModelConfig) -> nn.Module:
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
+@functools.lru_cache(maxsize=1)
+def _fused_gelu_works() -> bool:
+    """One check per process that this torch's private op takes these arguments and computes GELU(xW^T + b)."""
+    if _LINEAR_POINTWISE is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((4, 64), (32, 64), (32,)))
+    try:
+        y = _LINEAR_POINTWISE(x, w, b, "gelu", [], "tanh")
+    except (RuntimeError, TypeError):
+        return False
+    return bool(torch.allclose(y.float(), F.gelu(F.linear(x, w, b).float(), approximate="tanh"), atol=0.1, rtol=0.02))
+
+
 class Linear(nn.Linear):
     """nn.Linear that sends one row of reduced-precision input to torch's matrix-vector kernel.
 
@@ -92,8 +107,8 @@ class Linear(nn.Linear):
         """GELU(self(x)). For many rows of bf16 on a CPU, outside autograd (inference, a prefill), one
         oneDNN call applies the GELU as the multiply writes its output: run separately, torch's GELU
         pass costs about as much as the multiply itself."""
-        if (_LINEAR_POINTWISE is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and x.numel() != x.shape[-1] and not torch.is_grad_enabled()):
+        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() != x.shape[-1]
+                and not torch.is_grad_enabled() and _fused_gelu_works()):
             return _LINEAR_POINTWISE(x, self.weight, self.bias, "gelu", [], approximate)
         return F.gelu(self(x), approximate=approximate)
 
