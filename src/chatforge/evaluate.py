@@ -82,8 +82,9 @@ def _check_quantize(model: Optional[str], quantize: Optional[str]) -> Optional[s
     from .checkpoint import CheckpointError, read_config_json
     from .quantize import check_mode
 
-    if check_mode(quantize) is None or not model or not Path(model).expanduser().is_dir():
-        return check_mode(quantize)
+    quantize = check_mode(quantize)
+    if quantize is None or not model or not Path(model).expanduser().is_dir():
+        return quantize
     try:
         data = read_config_json(Path(model).expanduser())
     except CheckpointError:
