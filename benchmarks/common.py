@@ -113,8 +113,8 @@ def hf_peer(model, dtype: Optional[torch.dtype] = None):
     computes, holding copies of its weights: chatforge's own export mapping, run in memory."""
     import transformers
 
-    from chatforge.hf.export import hf_config, hf_state
-    from chatforge.hf.families import export_family
+    from chatforge.formats.hf.export import hf_config, hf_state
+    from chatforge.formats.hf.families import export_family
 
     transformers.logging.set_verbosity_error()
     dtype = dtype or next(model.parameters()).dtype

@@ -21,7 +21,7 @@ from pathlib import Path
 CHILD = r"""
 import gc, json, sys, torch
 torch.set_num_threads(1)
-import chatforge.hf, chatforge.loader
+import chatforge.formats.hf, chatforge.loader
 from chatforge.config import ModelConfig
 from chatforge.model import Transformer
 
@@ -49,11 +49,11 @@ def build(root: Path, preset: str, formats: tuple[str, ...] = ("chatforge", "hf-
     """A random model of `preset` saved under root in each of `formats` (hf-bin needs hf-safetensors)."""
     import torch
 
-    from chatforge.checkpoint import save_checkpoint
+    from chatforge.formats.checkpoint import save_checkpoint
     from chatforge.config import ModelConfig
-    from chatforge.hf import export_hf
-    from chatforge.hf.export import hf_state
-    from chatforge.hf.families import export_family
+    from chatforge.formats.hf import export_hf
+    from chatforge.formats.hf.export import hf_state
+    from chatforge.formats.hf.families import export_family
     from chatforge.model import Transformer
     from chatforge.tokenizer import Tokenizer
 

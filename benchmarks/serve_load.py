@@ -152,7 +152,7 @@ def run_shape(preset: str = "gpt-neo-125m", dtype: str = "bf16", quick: bool = F
 
     import torch
 
-    from chatforge.checkpoint import save_checkpoint
+    from chatforge.formats.checkpoint import save_checkpoint
     from chatforge.config import ModelConfig
     from chatforge.loader import load
     from chatforge.model import Transformer

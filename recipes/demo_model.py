@@ -395,7 +395,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from chatforge import ModelConfig, TrainConfig
-    from chatforge.checkpoint import atomic_directory, is_checkpoint, load_checkpoint, save_checkpoint
+    from chatforge.formats.checkpoint import atomic_directory, is_checkpoint, load_checkpoint, save_checkpoint
     from chatforge.train.finetune import finetune_chat
     from chatforge.train.pretrain import pretrain
 

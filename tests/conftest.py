@@ -52,7 +52,7 @@ def make_chat_checkpoint(path, *, never_stop: bool = False, block_size: int = 25
     end-of-turn and end-of-text tokens no chance, so replies always run to max_new_tokens.
     """
     from chatforge.chat.template import CHATML_TEMPLATE
-    from chatforge.checkpoint import save_checkpoint
+    from chatforge.formats.checkpoint import save_checkpoint
     from chatforge.config import ModelConfig
     from chatforge.model import Transformer
     from chatforge.tokenizer import Tokenizer

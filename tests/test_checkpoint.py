@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from chatforge.checkpoint import (atomic_directory, load_checkpoint, load_model, load_trainer_state, resolve,
+from chatforge.formats.checkpoint import (atomic_directory, load_checkpoint, load_model, load_trainer_state, resolve,
                                   save_checkpoint)
 from chatforge.config import ModelConfig
 from chatforge.errors import CheckpointError
@@ -34,11 +34,11 @@ def test_round_trip_keeps_logits_tied_weights_and_tokenizer(tmp_path, char_token
 
 
 def test_load_in_bf16(tmp_path, monkeypatch):
-    import chatforge.hf.weights
+    import chatforge.formats.safetensors
 
     original = _model(tie_embeddings=False)
     save_checkpoint(tmp_path / "ck", original)
-    monkeypatch.setattr(chatforge.hf.weights, "CHUNK_BYTES", 1024)  # many slabs per tensor
+    monkeypatch.setattr(chatforge.formats.safetensors, "CHUNK_BYTES", 1024)  # many slabs per tensor
     m = load_model(tmp_path / "ck", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     for (name, a), b in zip(original.state_dict().items(), m.state_dict().values()):
@@ -71,7 +71,7 @@ def test_trainer_state_round_trips_without_pickle(tmp_path):
 def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     old = _model()
     save_checkpoint(tmp_path / "ck", old)
-    import chatforge.checkpoint as ck
+    import chatforge.formats.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chatforge import ModelConfig, TrainConfig, pipeline
-from chatforge.checkpoint import load_checkpoint, read_weights, save_checkpoint
+from chatforge.formats.checkpoint import load_checkpoint, read_weights, save_checkpoint
 from chatforge.errors import ChatforgeError, ConfigError, DataError
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
@@ -263,7 +263,7 @@ def test_finetune_classifier_learns_and_reports(finetuned):
 
 
 def test_text_classification_pipeline_and_evaluation(finetuned, encoder_dir, tmp_path):
-    from chatforge.evaluate import evaluate, summary
+    from chatforge.train.evaluate import evaluate, summary
 
     root, data, result = finetuned
     best = str(root / "run" / "best")

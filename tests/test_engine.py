@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from chatforge import ModelConfig, Tokenizer, Transformer
-from chatforge.checkpoint import save_checkpoint
+from chatforge.formats.checkpoint import save_checkpoint
 from chatforge.engine import (Engine, GenerationConfig, IncrementalDecoder, PromptTooLongError, StopStrings,
                               TextTracker, generate_text)
 from chatforge.errors import ChatforgeError

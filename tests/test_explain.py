@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 
 from chatforge import ModelConfig, Tokenizer, Transformer
-from chatforge.checkpoint import save_checkpoint
+from chatforge.formats.checkpoint import save_checkpoint
 from chatforge.engine import Engine, GenerationConfig
 from chatforge.errors import ChatforgeError
 from chatforge.explain.attention import attention_maps, explain_attention

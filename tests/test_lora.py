@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatforge.checkpoint import WEIGHTS, read_weights
+from chatforge.formats.checkpoint import WEIGHTS, read_weights
 from chatforge.config import ModelConfig
 from chatforge.errors import ConfigError
 from chatforge.loader import load

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatforge import ModelConfig, TrainConfig, pipeline
-from chatforge.checkpoint import load_checkpoint, save_checkpoint
+from chatforge.formats.checkpoint import load_checkpoint, save_checkpoint
 from chatforge.errors import ChatforgeError, ConfigError, DataError
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
@@ -229,7 +229,7 @@ def test_pretrain_encoder_reports_masked_lm_and_next_sentence_accuracy(encoder_r
 
 
 def test_fill_mask_pipeline_and_masked_lm_evaluation(encoder_run, tmp_path):
-    from chatforge.evaluate import evaluate, summary
+    from chatforge.train.evaluate import evaluate, summary
 
     root, _ = encoder_run
     unmask = pipeline("fill-mask", model=str(root / "run" / "best"), device="cpu", top_k=3)
@@ -293,7 +293,7 @@ def test_pretrain_encoder_resumes_and_trains_mlm_alone(tmp_path):
 
 
 def test_evaluate_gives_the_perplexity_of_a_causal_model(tmp_path, char_tok):
-    from chatforge.evaluate import evaluate, summary
+    from chatforge.train.evaluate import evaluate, summary
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("test", vocab_size=char_tok.vocab_size, block_size=16)).eval()

@@ -118,7 +118,7 @@ def test_int4_pipeline_cli_flag_and_serve_option():
 
     from chatforge.errors import ConfigError
     from chatforge.quantize import Int4Linear
-    from chatforge.server.config import ServeConfig
+    from chatforge.server.settings import ServeConfig
 
     chatbot = pipeline("conversational", quantize="int4", max_new_tokens=8, temperature=0)  # the demo model
     assert any(isinstance(m, Int4Linear) for m in chatbot.engine.model.modules())

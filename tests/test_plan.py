@@ -11,10 +11,10 @@ import torch
 
 from conftest import ROOT, run_cli
 
-from chatforge.checkpoint import save_checkpoint
+from chatforge.formats.checkpoint import save_checkpoint
 from chatforge.config import PRESETS, ModelConfig
 from chatforge.errors import ChatforgeError
-from chatforge.explain.plan import count_params, load_bytes, lora_params, parse_count, plan
+from chatforge.sizing.plan import count_params, load_bytes, lora_params, parse_count, plan
 from chatforge.lora import LoRAConfig, apply_lora
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer

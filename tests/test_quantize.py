@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from chatforge.checkpoint import save_checkpoint
+from chatforge.formats.checkpoint import save_checkpoint
 from chatforge.config import ModelConfig
 from chatforge.engine import Engine
 from chatforge.errors import ChatforgeError
@@ -106,7 +106,7 @@ def test_loader_refuses_unknown_quantization(tmp_path):
 
 
 def test_loader_quantizes_hugging_face_directories(tmp_path, char_tokenizer, one_thread):
-    from chatforge.hf import export_hf
+    from chatforge.formats.hf import export_hf
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("test", vocab_size=char_tokenizer.vocab_size)).eval()

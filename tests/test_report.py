@@ -11,7 +11,7 @@ from conftest import run_cli
 
 from chatforge.config import ModelConfig, TrainConfig
 from chatforge.errors import ChatforgeError
-from chatforge.explain.report import detect_overfitting, read_metrics, write_report
+from chatforge.train.report import detect_overfitting, read_metrics, write_report
 from chatforge.train.pretrain import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -484,7 +484,7 @@ def test_health_is_503_until_the_model_is_loaded(tmp_path):
     import uvicorn
 
     from chatforge.server.app import bind, create_app, load_service
-    from chatforge.server.config import ServeConfig
+    from chatforge.server.settings import ServeConfig
 
     release = threading.Event()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ConfigError
+from chatforge.errors import ConfigError
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 MLP_TYPES = ("gelu", "gelu_tanh", "relu", "swiglu")
@@ -147,7 +147,7 @@ class ModelConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        from .utils import atomic_write_text
+        from chatforge.utils import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 

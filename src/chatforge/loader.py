@@ -1,5 +1,5 @@
 """One loader for every model a user can name: the built-in demo, a chatforge checkpoint
-directory, or (through chatforge.hf) a Hugging Face directory or Hub id."""
+directory, or (through chatforge.formats.hf) a Hugging Face directory or Hub id."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +7,11 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import CONFIG, is_checkpoint, load_checkpoint, resolve
-from .errors import ChatforgeError, CheckpointError
-from .model import Transformer
-from .tokenizer import Tokenizer
-from .utils import pick_device
+from chatforge.formats.checkpoint import CONFIG, is_checkpoint, load_checkpoint, resolve
+from chatforge.errors import ChatforgeError, CheckpointError
+from chatforge.model import Transformer
+from chatforge.tokenizer import Tokenizer
+from chatforge.utils import pick_device
 
 DEMO_MODEL = "chatforge-demo"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -40,7 +40,7 @@ def load(name_or_path: Optional[str] = None, device: str | torch.device = "auto"
     fp32 weight memory; `dtype` is then the activations' dtype (default bf16 where the hardware has it). A
     chatforge checkpoint is quantized while it is read, so its full-precision model never exists.
     """
-    from .quantize import check_mode
+    from chatforge.quantize import check_mode
 
     quantize = check_mode(quantize)
     device = pick_device(device) if isinstance(device, str) else device
@@ -59,7 +59,7 @@ def load(name_or_path: Optional[str] = None, device: str | torch.device = "auto"
         if is_checkpoint(path) and _is_chatforge(path):
             return load_checkpoint(path, device=device, dtype=dtype, quantize=quantize)
         if (path / CONFIG).is_file():
-            from .hf import load_hf  # a Hugging Face directory
+            from chatforge.formats.hf import load_hf  # a Hugging Face directory
 
             return _quantized(load_hf, path, device, dtype, quantize)
         if not is_checkpoint(path):
@@ -68,7 +68,7 @@ def load(name_or_path: Optional[str] = None, device: str | torch.device = "auto"
     if name.startswith(("/", ".", "~")) or "\\" in name:
         raise CheckpointError(f"no model at {path}: the path does not exist")
     try:
-        from .hf import load_hf_id
+        from chatforge.formats.hf import load_hf_id
     except ImportError:
         load_hf_id = None
     if load_hf_id is not None and "/" in name and not name.startswith((".", "/", "~")):
@@ -83,7 +83,7 @@ def _quantized(loader, source, device: torch.device, dtype: Optional[torch.dtype
     activation dtype first, which for bf16 halves the peak memory."""
     if quantize is None:
         return loader(source, device=device, dtype=dtype)
-    from .quantize import default_dtype, quantize_model
+    from chatforge.quantize import default_dtype, quantize_model
 
     dtype = dtype or default_dtype(device)
     model, tok = loader(source, device=device, dtype=dtype)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import CheckpointError, ConfigError
+from chatforge.errors import CheckpointError, ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -164,7 +164,7 @@ def save_adapter(directory: str | Path, model: nn.Module, config: LoRAConfig,
     """adapter_config.json + adapter_model.safetensors (only the low-rank tensors), atomically."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_directory
+    from chatforge.formats.checkpoint import atomic_directory
 
     with atomic_directory(directory) as tmp:
         meta = {"peft_type": "LORA", "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
@@ -177,7 +177,7 @@ def save_adapter(directory: str | Path, model: nn.Module, config: LoRAConfig,
 
 def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
     """Add the adapters saved in `directory` to `model` (a base model) and load their weights."""
-    from .checkpoint import read_weights
+    from chatforge.formats.checkpoint import read_weights
 
     directory = Path(directory)
     path = directory / ADAPTER_CONFIG

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .errors import ChatforgeError
+from chatforge.config import ModelConfig
+from chatforge.errors import ChatforgeError
 
 # torch >= 2.5 lets SDPA broadcast grouped key/value heads itself (no copy per step)
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)

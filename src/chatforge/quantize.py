@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import CheckpointError, ChatforgeError
+from chatforge.errors import CheckpointError, ChatforgeError
 
 QUANT_MODES = ("int8", "int4")
 # torch's int8-weight x float-activation kernel; it needs the input width to be a multiple of 16
@@ -339,7 +339,7 @@ def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype) -> nn.Mod
 
 def default_dtype(device: torch.device, current: torch.dtype = torch.float32) -> torch.dtype:
     """Activation dtype of a quantized model: bf16 where multiplies in it are native, else `current`."""
-    from .utils import bf16_supported
+    from chatforge.utils import bf16_supported
 
     return torch.bfloat16 if current != torch.float16 and bf16_supported(device) else current
 
@@ -390,9 +390,9 @@ def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device:
     memory map would keep every page it touched resident) and quantized at once, so the peak
     memory is about the quantized model, not the full-precision one.
     """
-    from .checkpoint import WEIGHTS, load_config, resolve
-    from .hf.weights import SafetensorsFile
-    from .model import Transformer
+    from chatforge.formats.checkpoint import WEIGHTS, load_config, resolve
+    from chatforge.formats.safetensors import SafetensorsFile
+    from chatforge.model import Transformer
 
     check_mode(mode)
     directory = resolve(directory)

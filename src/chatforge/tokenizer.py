@@ -14,8 +14,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import ChatforgeError, CheckpointError, ConfigError, DataError
-from .utils import atomic_write_text
+from chatforge.errors import ChatforgeError, CheckpointError, ConfigError, DataError
+from chatforge.utils import atomic_write_text
 
 # Reserved tokens of every tokenizer chatforge trains, always the first ids.
 SPECIAL_TOKENS: dict[str, str] = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from chatforge.errors import ConfigError
 
 
 def fsync_dir(path: str | Path) -> None:

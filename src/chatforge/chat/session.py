@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
-from ..engine import Engine, Generation, GenerationConfig
-from .conversation import Conversation
-from .template import ChatFormat
+from chatforge.engine import Engine, Generation, GenerationConfig
+from chatforge.chat.conversation import Conversation
+from chatforge.chat.template import ChatFormat
 
 
 @dataclass

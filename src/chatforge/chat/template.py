@@ -14,8 +14,8 @@ from typing import Any, Optional, Sequence
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import ChatforgeError
-from ..tokenizer import Tokenizer
+from chatforge.errors import ChatforgeError
+from chatforge.tokenizer import Tokenizer
 
 # stands in for message i while locating message text in a rendered template (private-use characters)
 _MARK = "\ue000{}\ue001"

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError
-from ..utils import atomic_write_text
+from chatforge.errors import ConfigError, DataError
+from chatforge.utils import atomic_write_text
 
 META = "meta.json"
 SPLITS = ("train", "val")

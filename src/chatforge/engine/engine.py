@@ -25,11 +25,11 @@ from typing import Iterator, Optional, Sequence, TextIO, Union
 
 import torch
 
-from ..errors import ChatforgeError
-from .config import GenerationConfig
-from .kv_cache import KVCache
-from .sampling import NEG_INF, SamplingParams, sample
-from .stream import TextTracker
+from chatforge.errors import ChatforgeError
+from chatforge.engine.generation import GenerationConfig
+from chatforge.engine.kv_cache import KVCache
+from chatforge.engine.sampling import NEG_INF, SamplingParams, sample
+from chatforge.engine.stream import TextTracker
 
 Prompt = Union[str, Sequence[int]]
 Configs = Union[GenerationConfig, Sequence[GenerationConfig], None]
@@ -293,7 +293,7 @@ class Engine:
     def __init__(self, model, tokenizer, device: Optional[torch.device | str] = None,
                  dtype: Optional[torch.dtype] = None):
         if isinstance(device, str):
-            from ..utils import pick_device
+            from chatforge.utils import pick_device
 
             device = pick_device(device)
         if device is not None or dtype is not None:
@@ -411,8 +411,8 @@ def generate_text(model_dir: str, prompt: str, *, max_new_tokens: int = 200, tem
 
     With stream=True each piece is written (and flushed) as soon as it is final.
     """
-    from ..loader import load
-    from ..utils import bf16_supported, pick_device
+    from chatforge.loader import load
+    from chatforge.utils import bf16_supported, pick_device
 
     out = sys.stdout if out is None else out
     extra = {k: v for k, v in (("min_p", min_p), ("repetition_penalty", repetition_penalty)) if v is not None}

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..config import ModelConfig
+from chatforge.config import ModelConfig
 
 
 class KVCache:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import GenerationConfig
+from chatforge.engine.generation import GenerationConfig
 
 NEG_INF = float("-inf")
 

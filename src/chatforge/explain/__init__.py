@@ -1,12 +1,10 @@
-"""Understand and choose: attention maps, token-level explanations, training reports, model sizing.
+"""Interpretability: see what a model attends to, which tokens it weighed, what each layer predicts.
 
-    from chatforge.explain import explain_attention, explain_generation, logit_lens, attribute_text, plan
+    from chatforge.explain import explain_attention, explain_generation, logit_lens, attribute_text
 """
-from .attention import attention_maps, explain_attention
-from .attribution import attribute_text, input_attribution
-from .plan import plan
-from .report import detect_overfitting, write_report
-from .tokens import explain_generation, inspect_reply, logit_lens
+from chatforge.explain.attention import attention_maps, explain_attention
+from chatforge.explain.attribution import attribute_text, input_attribution
+from chatforge.explain.tokens import explain_generation, inspect_reply, logit_lens
 
 __all__ = ["attention_maps", "explain_attention", "explain_generation", "inspect_reply", "logit_lens",
-           "attribute_text", "input_attribution", "write_report", "detect_overfitting", "plan"]
+           "attribute_text", "input_attribution"]

@@ -14,8 +14,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import ChatforgeError
-from .common import forward_with_attention, pick_layer, pyplot, save_figure, token_labels
+from chatforge.errors import ChatforgeError
+from chatforge.explain.common import forward_with_attention, pick_layer, token_labels
+from chatforge.figures import pyplot, save_figure
 
 MAX_LABELLED = 96  # beyond this many tokens only every k-th one gets a tick label
 

@@ -21,8 +21,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import ChatforgeError
-from .common import check_ids, display_token, forward_with_attention, model_device, pyplot, save_figure
+from chatforge.errors import ChatforgeError
+from chatforge.explain.common import check_ids, display_token, forward_with_attention, model_device
+from chatforge.figures import pyplot, save_figure
 
 METHODS = ("grad_x_input", "rollout")
 Target = Union[int, str, None]
@@ -217,7 +218,7 @@ def attribute_text(model, tokenizer, text: str, *, target: Target = None, method
     """input_attribution for text, laid out the way the model reads it ([CLS] ... [SEP] for encoder
     classifiers, a final end-of-text token for decoder classifiers, the bare text for language models)."""
     if _is_classifier(model):
-        from ..train.classify import encode_examples
+        from chatforge.train.classify import encode_examples
 
         [(ids, types)] = encode_examples(tokenizer, model.config, [text], None if text_pair is None else [text_pair],
                                          model.config.block_size)

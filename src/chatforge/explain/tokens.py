@@ -19,9 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import ChatforgeError
-from .common import (average_attention, check_ids, display_token, forward_with_attention, model_device, pyplot,
-                     save_figure, token_labels)
+from chatforge.errors import ChatforgeError
+from chatforge.explain.common import average_attention, check_ids, display_token, forward_with_attention, model_device, token_labels
+from chatforge.figures import pyplot, save_figure
 
 
 def next_token_probs(logits: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -138,7 +138,7 @@ def explain_generation(model, tokenizer, prompt: str | Sequence[int], max_new_to
     The tokens are the ones Engine.generate gives for the same settings; only the attention is
     computed explicitly (the slower path), so keep explanations to short texts.
     """
-    from ..engine import Engine, GenerationConfig
+    from chatforge.engine import Engine, GenerationConfig
 
     engine = Engine(model, tokenizer)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]

@@ -23,15 +23,15 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
 
-from ..errors import ChatforgeError
-from .config import ServeConfig
-from .conversations_api import router as conversations_router
-from .errors import APIError, error_body, handle_error, handle_http_error
-from .metrics import Metrics
-from .openai_api import router as openai_router
-from .service import ModelService
-from .store import Store
-from .tokens_api import router as tokens_router
+from chatforge.errors import ChatforgeError
+from chatforge.server.settings import ServeConfig
+from chatforge.server.conversations_api import router as conversations_router
+from chatforge.server.errors import APIError, error_body, handle_error, handle_http_error
+from chatforge.server.metrics import Metrics
+from chatforge.server.openai_api import router as openai_router
+from chatforge.server.service import ModelService
+from chatforge.server.store import Store
+from chatforge.server.tokens_api import router as tokens_router
 
 log = logging.getLogger("chatforge.server")
 
@@ -46,7 +46,7 @@ SHELL_PATHS = ("/", "/favicon.ico")  # the page's static files: no data in them,
 
 def served_name(config: ServeConfig) -> str:
     """The id clients pass as `model`: --served-model-name, else the demo's name, a directory's name or a Hub id."""
-    from ..loader import DEMO_MODEL
+    from chatforge.loader import DEMO_MODEL
 
     if config.served_model_name:
         return config.served_model_name
@@ -60,7 +60,7 @@ def load_service(config: ServeConfig, metrics: Metrics) -> ModelService:
     """Load the model named in the config and start its scheduler."""
     import torch
 
-    from ..loader import load
+    from chatforge.loader import load
 
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -24,12 +24,12 @@ from pydantic import Field
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ..engine import GenerationConfig
-from ..errors import ChatforgeError
-from .errors import APIError, error_body
-from .openai_api import SSE_HEADERS, StrictBody
-from .service import ClientGone, ModelService, Run, get_service, json_dumps, parse_body, watch_disconnect
-from .store import Store
+from chatforge.engine import GenerationConfig
+from chatforge.errors import ChatforgeError
+from chatforge.server.errors import APIError, error_body
+from chatforge.server.openai_api import SSE_HEADERS, StrictBody
+from chatforge.server.service import ClientGone, ModelService, Run, get_service, json_dumps, parse_body, watch_disconnect
+from chatforge.server.store import Store
 
 router = APIRouter(prefix="/api")
 

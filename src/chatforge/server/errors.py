@@ -12,9 +12,9 @@ from typing import Any, Optional
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..engine import PromptTooLongError
-from ..errors import ChatforgeError
-from .scheduler import QueueFullError
+from chatforge.engine import PromptTooLongError
+from chatforge.errors import ChatforgeError
+from chatforge.server.scheduler import QueueFullError
 
 log = logging.getLogger("chatforge.server")
 

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ..engine import GenerationConfig
-from .errors import APIError, sse_error
-from .service import ClientGone, ModelService, Run, get_service, json_dumps, parse_body, watch_disconnect
+from chatforge.engine import GenerationConfig
+from chatforge.server.errors import APIError, sse_error
+from chatforge.server.service import ClientGone, ModelService, Run, get_service, json_dumps, parse_body, watch_disconnect
 
 router = APIRouter()
 

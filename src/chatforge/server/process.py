@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from ..errors import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 URL_LINE = re.compile(r"chatforge serve: (http://\S+) ")
 

@@ -18,10 +18,10 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from ..engine import DecodeState, Engine, Request
-from ..engine.kv_cache import KVCache
-from ..errors import ChatforgeError
-from .metrics import Metrics
+from chatforge.engine import DecodeState, Engine, Request
+from chatforge.engine.kv_cache import KVCache
+from chatforge.errors import ChatforgeError
+from chatforge.server.metrics import Metrics
 
 log = logging.getLogger("chatforge.server")
 

@@ -17,12 +17,12 @@ from typing import Any, AsyncIterator, Optional, Sequence, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request as HTTPRequest
 
-from ..chat.session import ChatModel
-from ..engine import Engine, GenerationConfig, Request
-from .config import ServeConfig
-from .errors import APIError, NotFoundError
-from .metrics import Metrics
-from .scheduler import Job, Scheduler
+from chatforge.chat.session import ChatModel
+from chatforge.engine import Engine, GenerationConfig, Request
+from chatforge.server.settings import ServeConfig
+from chatforge.server.errors import APIError, NotFoundError
+from chatforge.server.metrics import Metrics
+from chatforge.server.scheduler import Job, Scheduler
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -14,8 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ChatforgeError
-from .errors import NotFoundError
+from chatforge.errors import ChatforgeError
+from chatforge.server.errors import NotFoundError
 
 SCHEMA_VERSION = 1
 DEFAULT_TITLE = "New conversation"

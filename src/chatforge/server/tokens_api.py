@@ -12,11 +12,11 @@ from typing import Any, Optional
 from fastapi import APIRouter
 from starlette.requests import Request as HTTPRequest
 
-from ..engine.stream import IncrementalDecoder
-from ..errors import ChatforgeError
-from .errors import APIError
-from .openai_api import ChatMessage, StrictBody, chat_messages
-from .service import get_service, parse_body
+from chatforge.engine.stream import IncrementalDecoder
+from chatforge.errors import ChatforgeError
+from chatforge.server.errors import APIError
+from chatforge.server.openai_api import ChatMessage, StrictBody, chat_messages
+from chatforge.server.service import get_service, parse_body
 
 router = APIRouter()
 
@@ -80,7 +80,7 @@ async def inspect(request: HTTPRequest) -> dict[str, Any]:
     `index` counts positions in the prompt followed by the reply; `tokens` labels every one of them
     and `prompt_tokens` says where the reply starts.
     """
-    from ..explain.tokens import inspect_reply
+    from chatforge.explain.tokens import inspect_reply
 
     body = await parse_body(request, InspectRequest)
     service = get_service(request)
@@ -108,7 +108,7 @@ async def inspect(request: HTTPRequest) -> dict[str, Any]:
         steps = await asyncio.wrap_future(service.scheduler.call(run))
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
-    from ..explain.common import token_labels
+    from chatforge.explain.common import token_labels
 
     for step, text in zip(steps, reply_pieces(tok, reply_ids)):
         step["text"] = text

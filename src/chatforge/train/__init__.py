@@ -1,7 +1,7 @@
 """Training: one Trainer for every objective, and the entry points that set it up."""
-from .objectives import CausalLM, Objective
-from .pretrain import pretrain
-from .schedule import lr_at
-from .trainer import Trainer
+from chatforge.train.objectives import CausalLM, Objective
+from chatforge.train.pretrain import pretrain
+from chatforge.train.schedule import lr_at
+from chatforge.train.trainer import Trainer
 
 __all__ = ["CausalLM", "Objective", "Trainer", "lr_at", "pretrain"]

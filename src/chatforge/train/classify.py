@@ -31,16 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import is_checkpoint, model_state, save_checkpoint
-from ..config import POOLINGS, TrainConfig
-from ..errors import ConfigError, DataError
-from ..model import Transformer
-from ..tokenizer import Tokenizer
-from ..utils import atomic_write_text
-from .mlm import pad_batch, pair_layout, running_text, truncate_pair
-from .distributed import setup_distributed
-from .objectives import Objective
-from .trainer import Trainer
+from chatforge.formats.checkpoint import is_checkpoint, model_state, save_checkpoint
+from chatforge.config import POOLINGS, TrainConfig
+from chatforge.errors import ConfigError, DataError
+from chatforge.model import Transformer
+from chatforge.tokenizer import Tokenizer
+from chatforge.utils import atomic_write_text
+from chatforge.train.mlm import pad_batch, pair_layout, running_text, truncate_pair
+from chatforge.train.distributed import setup_distributed
+from chatforge.train.objectives import Objective
+from chatforge.train.trainer import Trainer
 
 METRICS = ("accuracy", "macro_f1")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".json": None, ".ndjson": None}
@@ -304,7 +304,7 @@ def score(model: Transformer, encoded: list[tuple[list[int], list[int]]], labels
           label_names: Sequence[str], pad_id: int, batch_size: int = 32,
           device: str | torch.device = "cpu") -> dict[str, Any]:
     """Loss, accuracy, macro-F1, per-class figures and confusion matrix of `model` on encoded examples."""
-    from ..evaluate import run_objective
+    from chatforge.train.evaluate import run_objective
 
     objective = Classification({"val": (encoded, list(labels))}, len(label_names), pad_id)
     sums = run_objective(model, objective, objective.eval_batches(batch_size), batch_size, device)
@@ -368,7 +368,7 @@ def finetune_classifier(data: str | Path, base_model: str, train_config: TrainCo
         raise ConfigError(f"{train_config.out_dir} already holds a training run; choose another --out-dir")
     lora = None
     if lora_rank:
-        from ..lora import LoRAConfig, apply_lora, merge_lora
+        from chatforge.lora import LoRAConfig, apply_lora, merge_lora
 
         lora = LoRAConfig(lora_rank, float(lora_alpha), lora_dropout, list(lora_targets))
     columns = dict(text_column=text_column, label_column=label_column, text_pair_column=text_pair_column)
@@ -383,7 +383,7 @@ def finetune_classifier(data: str | Path, base_model: str, train_config: TrainCo
         if len(parts[split]) == 0:
             raise DataError(f"the {split} split is empty: {len(examples)} examples are too few; "
                             "add data or change --val-fraction / --test-fraction")
-    from ..loader import load
+    from chatforge.loader import load
 
     model, tok = load(base_model, device="cpu")  # after the data: its mistakes are found without waiting
     model = model.float()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..utils import pick_device
+from chatforge.utils import pick_device
 
 
 @dataclass

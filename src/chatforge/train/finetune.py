@@ -27,18 +27,18 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..chat.template import CHATML_TEMPLATE, ChatFormat
-from ..checkpoint import (WEIGHTS, build_model, is_checkpoint, load_config, load_tokenizer, load_trainer_state,
+from chatforge.chat.template import CHATML_TEMPLATE, ChatFormat
+from chatforge.formats.checkpoint import (WEIGHTS, build_model, is_checkpoint, load_config, load_tokenizer, load_trainer_state,
                           read_weights, save_checkpoint)
-from ..config import TrainConfig
-from ..errors import CheckpointError, ConfigError
-from ..lora import LoRAConfig, apply_lora, load_lora_state, merge_lora, save_adapter, split_state
-from ..model import Transformer
-from ..tokenizer import Tokenizer
-from ..utils import atomic_write_text
-from .distributed import setup_distributed
-from .sft import ChatSFT, prepare_chats, read_chat_jsonl, split_conversations
-from .trainer import Trainer
+from chatforge.config import TrainConfig
+from chatforge.errors import CheckpointError, ConfigError
+from chatforge.lora import LoRAConfig, apply_lora, load_lora_state, merge_lora, save_adapter, split_state
+from chatforge.model import Transformer
+from chatforge.tokenizer import Tokenizer
+from chatforge.utils import atomic_write_text
+from chatforge.train.distributed import setup_distributed
+from chatforge.train.sft import ChatSFT, prepare_chats, read_chat_jsonl, split_conversations
+from chatforge.train.trainer import Trainer
 
 SETTINGS = "finetune.json"
 TEMPLATES = {"chatml": CHATML_TEMPLATE}
@@ -104,7 +104,7 @@ def chat_tokenizer(tok: Tokenizer, chat_template: Optional[str]) -> Tokenizer:
 
 def _start(data, val_data, val_fraction, base_model, train_config: TrainConfig, out: Path, dist, *,
            chat_template, settings) -> tuple[Transformer, Tokenizer]:
-    from ..loader import load
+    from chatforge.loader import load
 
     if is_checkpoint(out / "last"):
         raise ConfigError(f"{out} already holds a training run; pass --resume to continue it, "
@@ -174,8 +174,8 @@ def _finish_lora(trainer: Trainer, out: Path, lora: LoRAConfig, base_model: str,
 @torch.no_grad()
 def merge_adapter(base_model: str, adapter_dir: str, out_dir: str) -> Path:
     """Fold a saved adapter (adapter/) into its base model and save a normal checkpoint at out_dir."""
-    from ..loader import load
-    from ..lora import load_adapter
+    from chatforge.loader import load
+    from chatforge.lora import load_adapter
 
     model, tok = load(base_model, device="cpu")
     model = model.float()

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_write_text
+from chatforge.figures import pyplot, save_figure
+from chatforge.utils import atomic_write_text
 
 
 class MetricsLog:
@@ -41,11 +40,7 @@ class MetricsLog:
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "", metric: str | None = None) -> None:
     """Train and validation loss against step (and, beside them, the validation `metric`), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = MetricsLog(metrics_path).read()
     train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
@@ -69,12 +64,4 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "",
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, png_path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_figure(fig, png_path, dpi=100)

@@ -37,15 +37,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import is_checkpoint, load_checkpoint
-from ..config import ModelConfig, TrainConfig
-from ..data.shards import find_inputs
-from ..errors import ConfigError, DataError
-from ..model import Transformer
-from ..tokenizer import Tokenizer, train_tokenizer
-from ..utils import atomic_write_text
-from .objectives import IGNORE_INDEX, Objective
-from .pretrain import VOCAB_MULTIPLE, run_training
+from chatforge.formats.checkpoint import is_checkpoint, load_checkpoint
+from chatforge.config import ModelConfig, TrainConfig
+from chatforge.data.shards import find_inputs
+from chatforge.errors import ConfigError, DataError
+from chatforge.model import Transformer
+from chatforge.tokenizer import Tokenizer, train_tokenizer
+from chatforge.utils import atomic_write_text
+from chatforge.train.objectives import IGNORE_INDEX, Objective
+from chatforge.train.pretrain import VOCAB_MULTIPLE, run_training
 
 OBJECTIVES = ("mlm+nsp", "mlm")
 SENTENCE_MODES = ("auto", "lines", "prose")

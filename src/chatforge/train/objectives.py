@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.shards import TokenShards
+from chatforge.data.shards import TokenShards
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (Hugging Face convention)
 

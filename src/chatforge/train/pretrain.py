@@ -16,15 +16,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..checkpoint import is_checkpoint, load_checkpoint, load_model, load_tokenizer, load_trainer_state
-from ..config import ModelConfig, TrainConfig
-from ..data.shards import find_inputs, iter_train_text, prepare_shards, split_offset
-from ..errors import CheckpointError, ConfigError
-from ..model import Transformer
-from ..tokenizer import Tokenizer, train_tokenizer
-from .distributed import Dist, setup_distributed
-from .objectives import CausalLM, Objective
-from .trainer import Trainer
+from chatforge.formats.checkpoint import is_checkpoint, load_checkpoint, load_model, load_tokenizer, load_trainer_state
+from chatforge.config import ModelConfig, TrainConfig
+from chatforge.data.shards import find_inputs, iter_train_text, prepare_shards, split_offset
+from chatforge.errors import CheckpointError, ConfigError
+from chatforge.model import Transformer
+from chatforge.tokenizer import Tokenizer, train_tokenizer
+from chatforge.train.distributed import Dist, setup_distributed
+from chatforge.train.objectives import CausalLM, Objective
+from chatforge.train.trainer import Trainer
 
 VOCAB_MULTIPLE = 64  # pad the embedding table to a multiple of 64 rows: faster matmuls
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import TrainConfig
+from chatforge.config import TrainConfig
 
 
 def min_lr_of(config: TrainConfig) -> float:

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..chat.template import ChatFormat, validate_messages
-from ..checkpoint import atomic_directory
-from ..data.shards import find_inputs
-from ..errors import ChatforgeError, DataError
-from .mlm import split_documents
-from .objectives import IGNORE_INDEX, Objective
+from chatforge.chat.template import ChatFormat, validate_messages
+from chatforge.formats.checkpoint import atomic_directory
+from chatforge.data.shards import find_inputs
+from chatforge.errors import ChatforgeError, DataError
+from chatforge.train.mlm import split_documents
+from chatforge.train.objectives import IGNORE_INDEX, Objective
 
 Messages = list[dict[str, str]]
 

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import WEIGHTS, read_weights, save_checkpoint
-from ..config import TrainConfig
-from ..errors import ChatforgeError, ConfigError
-from ..utils import atomic_write_text, pick_precision
-from .distributed import Dist, setup_distributed
-from .metrics import MetricsLog, plot_losses
-from .objectives import Objective
-from .schedule import lr_at
+from chatforge.formats.checkpoint import WEIGHTS, read_weights, save_checkpoint
+from chatforge.config import TrainConfig
+from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.utils import atomic_write_text, pick_precision
+from chatforge.train.distributed import Dist, setup_distributed
+from chatforge.train.metrics import MetricsLog, plot_losses
+from chatforge.train.objectives import Objective
+from chatforge.train.schedule import lr_at
 
 EVAL_SEED_OFFSET = 1  # validation batches come from their own generator, the same ones every time
 

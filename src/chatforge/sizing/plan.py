@@ -19,7 +19,7 @@ Everything is arithmetic on the config; nothing is allocated. The rules:
 - training: 6N FLOPs per token plus attention, at `mfu` (model FLOPs utilisation) of the matmul rate;
 - compute-optimal pre-training (Chinchilla): about 20 tokens per parameter, 6·N·D FLOPs.
 The matmul rates, memory bandwidth and per-layer cost come from about a second of calibration here
-(chatforge.explain.machine).
+(chatforge.sizing.machine).
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import PRESETS, ModelConfig
-from ..errors import ChatforgeError, ConfigError
-from .machine import GB, Machine, describe_machine
+from chatforge.config import PRESETS, ModelConfig
+from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.sizing.machine import GB, Machine, describe_machine
 
 TOKENS_PER_PARAM = 20  # Chinchilla (Hoffmann et al., 2022)
 # bytes per weight: int4 adds a bf16 scale and zero point per group of 64 weights
@@ -81,8 +81,8 @@ def shape_for_params(n: int) -> ModelConfig:
 
 
 def config_from_dict(data: dict[str, Any]) -> tuple[ModelConfig, str]:
-    """(ModelConfig, source) of a chatforge config or a Hugging Face config.json, as chatforge.hf maps it."""
-    from ..hf.families import FAMILIES, SUPPORTED
+    """(ModelConfig, source) of a chatforge config or a Hugging Face config.json, as chatforge.formats.hf maps it."""
+    from chatforge.formats.hf.families import FAMILIES, SUPPORTED
 
     kind = data.get("model_type", "chatforge")
     try:
@@ -110,7 +110,7 @@ def hub_config(repo_id: str) -> dict[str, Any]:
     """config.json of a Hugging Face Hub model: from the local cache, else downloaded alone (no weights)."""
     from huggingface_hub import hf_hub_download
 
-    from ..hf.load import _offline, hub_cache_dir
+    from chatforge.formats.hf.read import _offline, hub_cache_dir
 
     for local_only in (True,) if _offline() else (True, False):
         try:

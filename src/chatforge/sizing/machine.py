@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..config import ModelConfig
+from chatforge.config import ModelConfig
 
 GB = 1e9
 
@@ -62,7 +62,7 @@ def _rate(fn, work: float, device: torch.device, budget_s: float) -> float:
 def calibrate(device: torch.device, budget_s: float = 1.0) -> dict[str, float]:
     """Measure matmul TFLOP/s in fp32 and bf16, memory bandwidth (GB/s, bytes read + written by a
     large copy) and the fixed costs of a forward pass, per step and per layer."""
-    from ..model import Transformer
+    from chatforge.model import Transformer
 
     share, gpu = budget_s / 4, device.type == "cuda"
     out = {}
@@ -92,7 +92,7 @@ def describe_machine(*, ram_gb: Optional[float] = None, gpu_gb: Optional[float] 
     """This machine (RAM, GPU memory, calibrated speeds), with every stated value taking precedence.
 
     gpu_gb plans for a GPU of that size; tflops is its dense matmul rate in the training precision."""
-    from ..utils import bf16_supported, pick_device
+    from chatforge.utils import bf16_supported, pick_device
 
     device = pick_device("auto")
     notes = []

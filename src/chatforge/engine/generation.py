@@ -12,7 +12,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import ConfigError
+from chatforge.errors import ConfigError
 
 
 @dataclass

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..cli import add_dataclass_flags, dataclass_from_args
-from ..errors import ChatforgeError
+from chatforge.cli.args import add_dataclass_flags, dataclass_from_args
+from chatforge.errors import ChatforgeError
 
 OBJECTIVES = ("clm", "mlm", "mlm+nsp")
 # what a fine-tuning run starts from when a flag is not given (pre-training keeps TrainConfig's own defaults)
@@ -31,7 +31,7 @@ def _say(text: str) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ..config import PRESETS, ModelConfig, TrainConfig
+    from chatforge.config import PRESETS, ModelConfig, TrainConfig
 
     if not args.data and not args.resume:
         raise ChatforgeError("no training data: pass --data FILE_OR_FOLDER_OR_GLOB (one or more)")
@@ -43,14 +43,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     train_config = dataclass_from_args(TrainConfig, args)
     common = dict(val_fraction=args.val_fraction, resume=args.resume, init_from=args.init_from)
     if encoder:
-        from .mlm import pretrain_encoder
+        from chatforge.train.mlm import pretrain_encoder
 
         result = pretrain_encoder(args.data, model_config, train_config, objective=args.objective,
                                   whole_word_mask=args.whole_word_mask, tokenizer=args.tokenizer or "bpe",
                                   vocab_size=args.vocab_size or 8192, mask_prob=args.mask_prob,
                                   sentences=args.sentences, max_seq_len=args.max_seq_len, **common)
     else:
-        from .pretrain import pretrain
+        from chatforge.train.pretrain import pretrain
 
         result = pretrain(args.data, model_config, train_config, tokenizer=args.tokenizer or "char",
                           vocab_size=args.vocab_size, **common)
@@ -61,7 +61,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ..config import TrainConfig
+    from chatforge.config import TrainConfig
 
     if not args.data and not (args.task == "chat" and args.resume):
         raise ChatforgeError("no training data: pass --data FILE (chat JSONL, or a CSV/TSV/JSONL table for classify)")
@@ -69,7 +69,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     lora = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                 lora_targets=args.lora_targets)
     if args.task == "chat":
-        from .finetune import finetune_chat
+        from chatforge.train.finetune import finetune_chat
 
         template = args.chat_template
         if template and Path(template).is_file():
@@ -82,8 +82,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _say(f"done: step {result['step']}, val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}); "
              f"chat with it: chatforge chat --model {result['model_dir']}")
         return 0
-    from ..evaluate import summary
-    from .classify import finetune_classifier
+    from chatforge.train.evaluate import summary
+    from chatforge.train.classify import finetune_classifier
 
     if args.resume:
         raise ChatforgeError("classification fine-tuning cannot resume yet: start it again with a new --out-dir")
@@ -103,7 +103,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate, summary
+    from chatforge.train.evaluate import evaluate, summary
 
     report = evaluate(args.model, args.data[0] if len(args.data) == 1 else args.data, text_column=args.text_column,
                       label_column=args.label_column, text_pair_column=args.text_pair_column,
@@ -123,7 +123,7 @@ def _table_flags(p: argparse.ArgumentParser, required: bool) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add pretrain, finetune and eval to the `chatforge` parser."""
-    from ..config import ModelConfig, TrainConfig
+    from chatforge.config import ModelConfig, TrainConfig
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("pretrain", formatter_class=fmt,

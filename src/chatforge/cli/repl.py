@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
-from ..engine import GenerationConfig
-from ..errors import ChatforgeError
-from .conversation import Conversation
-from .session import ChatModel
+from chatforge.engine import GenerationConfig
+from chatforge.errors import ChatforgeError
+from chatforge.chat.conversation import Conversation
+from chatforge.chat.session import ChatModel
 
 HELP = """commands:
   /help                 this help
@@ -167,9 +167,9 @@ class Repl:
 def run_chat(model: Optional[str] = None, *, prompt: Optional[str] = None, system: Optional[str] = None,
              device: str = "auto", dtype: Optional[str] = None, quantize: Optional[str] = None, **options) -> int:
     """The `chatforge chat` verb: a REPL, or with `prompt` one reply printed to stdout."""
-    from ..engine import Engine
-    from ..loader import load
-    from ..pipeline import generation_options
+    from chatforge.engine import Engine
+    from chatforge.loader import load
+    from chatforge.pipelines.generation import generation_options
 
     model_obj, tokenizer = load(model, device=device, dtype=dtype, quantize=quantize)
     chat = ChatModel(Engine(model_obj, tokenizer))

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ChatforgeError
-from ..utils import atomic_write_bytes, atomic_write_text
-from .common import figure_png, png_data_uri, pyplot
+from chatforge.errors import ChatforgeError
+from chatforge.utils import atomic_write_bytes, atomic_write_text
+from chatforge.figures import figure_png, png_data_uri, pyplot
 
 # fields the trainer writes on every log line; anything else numeric on evaluation rows is a metric
 LOG_FIELDS = ("step", "train_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "elapsed_s", "val_loss")
@@ -52,7 +52,7 @@ class Overfitting:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    from ..train.metrics import MetricsLog
+    from chatforge.train.metrics import MetricsLog
 
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir

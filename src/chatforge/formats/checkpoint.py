@@ -18,11 +18,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
-from .model import Transformer
-from .tokenizer import Tokenizer
-from .utils import fsync_dir
+from chatforge.config import ModelConfig
+from chatforge.errors import CheckpointError, ConfigError
+from chatforge.model import Transformer
+from chatforge.tokenizer import Tokenizer
+from chatforge.utils import fsync_dir
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -144,7 +144,7 @@ def read_weights(path: Path, device: str | torch.device = "cpu",
     try:
         if dtype is None:
             return load_file(str(path), device=str(device))
-        from .hf.weights import SafetensorsFile
+        from chatforge.formats.safetensors import SafetensorsFile
 
         f = SafetensorsFile(path)
         return {name: f.read(name, dtype).to(device) for name in f.names()}
@@ -208,7 +208,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
                     dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer of a chatforge checkpoint directory (quantize="int8": see chatforge.quantize)."""
     if quantize:
-        from .quantize import load_quantized_checkpoint
+        from chatforge.quantize import load_quantized_checkpoint
 
         model = load_quantized_checkpoint(directory, quantize, device=device, dtype=dtype)
     else:

@@ -12,9 +12,9 @@ import threading
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..cli import dataclass_from_args
-    from .app import serve
-    from .config import ServeConfig
+    from chatforge.cli.args import dataclass_from_args
+    from chatforge.server.app import serve
+    from chatforge.server.settings import ServeConfig
 
     config = dataclass_from_args(ServeConfig, args)
     serve(config, announce=lambda line: print(line, flush=True))
@@ -29,8 +29,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add the `serve` verb to the `chatforge` parser."""
-    from ..cli import add_dataclass_flags
-    from .config import API_KEY_ENV, DB_ENV, HELP, ServeConfig, default_db_path
+    from chatforge.cli.args import add_dataclass_flags
+    from chatforge.server.settings import API_KEY_ENV, DB_ENV, HELP, ServeConfig, default_db_path
 
     p = sub.add_parser(
         "serve", help="serve a model: OpenAI-compatible HTTP API and a web chat page",

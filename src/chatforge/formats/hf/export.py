@@ -13,10 +13,10 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import atomic_directory
-from ..model import Transformer
-from ..tokenizer import Tokenizer
-from .families import export_family
+from chatforge.formats.checkpoint import atomic_directory
+from chatforge.model import Transformer
+from chatforge.tokenizer import Tokenizer
+from chatforge.formats.hf.families import export_family
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -54,7 +54,7 @@ def export_hf(model: str | Path | Transformer, out_dir: str | Path, tokenizer: O
     The directory holds config.json, generation_config.json, model.safetensors and, with a
     tokenizer, tokenizer.json + tokenizer_config.json (chat template included).
     """
-    from ..loader import load, parse_dtype
+    from chatforge.loader import load, parse_dtype
 
     dtype = parse_dtype(dtype)
     if isinstance(model, (str, Path)):

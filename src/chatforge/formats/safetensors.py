@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Protocol
 
 import torch
 
-from ..errors import CheckpointError
+from chatforge.errors import CheckpointError
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"

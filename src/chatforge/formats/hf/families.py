@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..config import ModelConfig
-from ..errors import ChatforgeError, CheckpointError
+from chatforge.config import ModelConfig
+from chatforge.errors import ChatforgeError, CheckpointError
 
 
 @dataclass(frozen=True)

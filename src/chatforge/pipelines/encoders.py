@@ -15,12 +15,12 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .errors import ChatforgeError
-from .loader import load
-from .model import Transformer
-from .tokenizer import Tokenizer
-from .train.classify import encode_examples
-from .train.mlm import pad_batch, running_text
+from chatforge.errors import ChatforgeError
+from chatforge.loader import load
+from chatforge.model import Transformer
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.classify import encode_examples
+from chatforge.train.mlm import pad_batch, running_text
 
 
 def check_fill_mask(model: Transformer, tokenizer: Tokenizer, name: str = "this model") -> None:

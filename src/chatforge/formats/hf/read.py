@@ -14,12 +14,12 @@ from typing import Any, Optional
 
 import torch
 
-from ..checkpoint import build_model, check_tokenizer, load_checkpoint, model_state, read_config_json
-from ..errors import ChatforgeError, CheckpointError, ConfigError
-from ..model import Transformer
-from ..tokenizer import Tokenizer
-from .families import FAMILIES, SUPPORTED, Family, Plan, Source
-from .weights import Weights
+from chatforge.formats.checkpoint import build_model, check_tokenizer, load_checkpoint, model_state, read_config_json
+from chatforge.errors import ChatforgeError, CheckpointError, ConfigError
+from chatforge.model import Transformer
+from chatforge.tokenizer import Tokenizer
+from chatforge.formats.hf.families import FAMILIES, SUPPORTED, Family, Plan, Source
+from chatforge.formats.safetensors import Weights
 
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import ChatforgeError
+from chatforge.errors import ChatforgeError
 
 MODES = ("attention", "tokens", "lens", "attribution")
 DEFAULT_OUT = {"attention": "attention.png", "lens": "logit_lens.png", "attribution": "attribution.html"}
@@ -22,7 +22,7 @@ DEFAULT_OUT = {"attention": "attention.png", "lens": "logit_lens.png", "attribut
 # --- explain ------------------------------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ..loader import load
+    from chatforge.loader import load
 
     if not args.text:
         raise ChatforgeError("no text to explain: pass --text \"...\"")
@@ -38,7 +38,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _attention(model, tok, args, out: str) -> int:
-    from .attention import explain_attention
+    from chatforge.explain.attention import explain_attention
 
     path = explain_attention(model, tok, args.text, layer=args.layer, head=args.head, out_png=out, grid=args.grid)
     print(f"wrote {path}")
@@ -46,15 +46,16 @@ def _attention(model, tok, args, out: str) -> int:
 
 
 def _tokens(model, tok, args, out) -> int:
-    from .attention import attention_figure
-    from .common import save_figure, token_labels
-    from .tokens import explain_generation
+    from chatforge.explain.attention import attention_figure
+    from chatforge.explain.common import token_labels
+    from chatforge.figures import save_figure
+    from chatforge.explain.tokens import explain_generation
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                    alternatives=args.top_k)
     prompt = args.text
     if args.chat:
-        from ..chat.template import ChatFormat
+        from chatforge.chat.template import ChatFormat
 
         chat = ChatFormat.for_tokenizer(tok)
         prompt = chat.encode([{"role": "user", "content": args.text}])
@@ -73,7 +74,7 @@ def _tokens(model, tok, args, out) -> int:
 
 
 def _lens(model, tok, args, out: str) -> int:
-    from .tokens import logit_lens
+    from chatforge.explain.tokens import logit_lens
 
     lens = logit_lens(model, tok, tok.encode(args.text), top_k=args.top_k)
     print(json.dumps(lens.to_dict(), ensure_ascii=False) if args.json else lens.table())
@@ -82,8 +83,8 @@ def _lens(model, tok, args, out: str) -> int:
 
 
 def _attribution(model, tok, args, out: str) -> int:
-    from ..utils import atomic_write_text
-    from .attribution import attribute_text
+    from chatforge.utils import atomic_write_text
+    from chatforge.explain.attribution import attribute_text
 
     target = int(args.target) if args.target is not None and args.target.isdigit() else args.target
     a = attribute_text(model, tok, args.text, target=target, method=args.method)
@@ -106,7 +107,7 @@ def _attribution(model, tok, args, out: str) -> int:
 # --- report and plan --------------------------------------------------------------------------------------
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from chatforge.train.report import write_report
 
     path, summary = write_report(args.run_dir, args.out, tolerance=args.tolerance, patience=args.patience,
                                  png_dir=args.png_dir)
@@ -126,7 +127,7 @@ def _num(x) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan
+    from chatforge.sizing.plan import plan
 
     p = plan(args.model, ram_gb=args.ram_gb, gpu_gb=args.gpu_gb, tflops=args.tflops,
              bandwidth_gbs=args.bandwidth_gbs, batch_size=args.batch_size, seq_len=args.seq_len,

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-from .chat.conversation import Conversation
-from .chat.session import ChatModel
-from .engine import Engine, GenerationConfig
-from .errors import ChatforgeError
-from .loader import load
+from chatforge.chat.conversation import Conversation
+from chatforge.chat.session import ChatModel
+from chatforge.engine import Engine, GenerationConfig
+from chatforge.errors import ChatforgeError
+from chatforge.loader import load
 
 _GEN_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
                "stop_token_ids", "skip_special_tokens"}
@@ -119,7 +119,7 @@ def pipeline(task: str = "conversational", model: Optional[str] = None, *, devic
 def _extra_tasks() -> dict[str, Any]:
     """Tasks that live in other modules (encoders: fill-mask, text-classification)."""
     try:
-        from .tasks import PIPELINES  # type: ignore[attr-defined]
+        from chatforge.pipelines.encoders import PIPELINES  # type: ignore[attr-defined]
     except ImportError:
         return {}
     return PIPELINES

@@ -1,6 +1,6 @@
 """`chatforge eval`: score any model on a file, with the measure that fits the model.
 
-    from chatforge.evaluate import evaluate, summary
+    from chatforge.train.evaluate import evaluate, summary
     evaluate("runs/shakespeare/best", "held_out.txt")     # causal LM: perplexity
     evaluate("runs/bert/best", "held_out.txt")            # encoder: masked-LM (and next-sentence) accuracy
     report = evaluate("runs/sms/best", "test.tsv", text_column="SMS", label_column="Label")  # classifier
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
-from .model import Transformer
-from .tokenizer import Tokenizer
+from chatforge.errors import DataError
+from chatforge.model import Transformer
+from chatforge.tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -56,7 +56,7 @@ def evaluate(model: Union[str, Transformer], data: Union[str, Sequence[str]], *,
       quantize="int8" / "int4" scores the weight-only quantized model: what quantizing costs.
     """
     if isinstance(model, str) or model is None:
-        from .loader import load
+        from chatforge.loader import load
 
         model, tokenizer = load(model, device=device, dtype=dtype, quantize=_check_quantize(model, quantize))
     elif tokenizer is None:
@@ -79,8 +79,8 @@ def evaluate(model: Union[str, Transformer], data: Union[str, Sequence[str]], *,
 
 def _check_quantize(model: Optional[str], quantize: Optional[str]) -> Optional[str]:
     """quantize, once it is known not to be asked of an encoder or classifier (it serves generation models)."""
-    from .checkpoint import CheckpointError, read_config_json
-    from .quantize import check_mode
+    from chatforge.formats.checkpoint import CheckpointError, read_config_json
+    from chatforge.quantize import check_mode
 
     quantize = check_mode(quantize)
     if quantize is None or not model or not Path(model).expanduser().is_dir():
@@ -97,7 +97,7 @@ def _check_quantize(model: Optional[str], quantize: Optional[str]) -> Optional[s
 
 
 def _classifier(model, tok, path, text_column, label_column, pair_column, batch_size, max_length, device):
-    from .train.classify import encode_examples, load_examples, read_table, score
+    from chatforge.train.classify import encode_examples, load_examples, read_table, score
 
     columns, _ = read_table(path)
     label_column = label_column or _column(columns, "label", path)
@@ -125,9 +125,9 @@ def _column(columns: list[str], wanted: str, path, others: Sequence[Optional[str
 
 
 def _masked_lm(model, tok, files, batch_size, max_length, batches, sentences, whole_word, seed, device):
-    from .train.mlm import MaskedLM, SentenceCorpus, read_documents
+    from chatforge.train.mlm import MaskedLM, SentenceCorpus, read_documents
 
-    from .tasks import check_fill_mask
+    from chatforge.pipelines.encoders import check_fill_mask
 
     check_fill_mask(model, tok)
     corpus = SentenceCorpus.build(read_documents(files, sentences), tok)
@@ -144,7 +144,7 @@ def _masked_lm(model, tok, files, batch_size, max_length, batches, sentences, wh
 
 @torch.no_grad()
 def _perplexity(model, tok, files, batch_size, max_length, device):
-    from .data.shards import _pieces, find_inputs
+    from chatforge.data.shards import _pieces, find_inputs
 
     ids: list[int] = []
     for i, path in enumerate(find_inputs(files)):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..errors import ConfigError
+from chatforge.errors import ConfigError
 
 API_KEY_ENV = "CHATFORGE_API_KEY"
 DB_ENV = "CHATFORGE_DB"

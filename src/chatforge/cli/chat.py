@@ -1,0 +1,50 @@
+"""The verbs that talk to a model: `chatforge generate` (continue a prompt) and `chatforge chat` (the REPL)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from chatforge.cli.args import sampling_flags
+from chatforge.errors import ChatforgeError
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from chatforge.engine import generate_text
+
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise ChatforgeError("no prompt: pass --prompt TEXT or pipe text on stdin")
+        prompt = sys.stdin.read()
+    generate_text(args.model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                  seed=args.seed, device=args.device, dtype=args.dtype,
+                  quantize=args.quantize)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from chatforge.cli.repl import run_chat
+
+    options = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
+                                            "repetition_penalty", "seed")}
+    return run_chat(args.model, prompt=args.prompt, system=args.system, device=args.device, dtype=args.dtype,
+                    quantize=args.quantize, **options)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the generate and chat verbs to the `chatforge` parser."""
+    p = sub.add_parser("generate", help="continue a prompt with a model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--prompt", default=None, help="text to continue (default: stdin)")
+    sampling_flags(p, defaults=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (the demo model by default)")
+    p.add_argument("--model", default=None, help="checkpoint directory, Hugging Face id, or chatforge-demo")
+    p.add_argument("--prompt", default=None, help="one message: print the reply and exit (for scripts)")
+    p.add_argument("--system", default=None, help="system prompt")
+    sampling_flags(p, defaults=False)
+    p.set_defaults(func=cmd_chat)
