@@ -31,9 +31,9 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     """CPU, cores, the vector extensions that matter here, and library versions."""
-    from chatforge.utils import _cpu_flags
+    from chatforge.utils import cpu_flags
 
-    flags = _cpu_flags()
+    flags = cpu_flags()
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("transformers", "numpy", "chatforge"):
         try:

@@ -51,7 +51,7 @@ def build(root: Path, preset: str, formats: tuple[str, ...] = ("chatforge", "hf-
 
     from chatforge.formats.checkpoint import save_checkpoint
     from chatforge.config import ModelConfig
-    from chatforge.formats.hf import export_hf
+    from chatforge.export import export_hf
     from chatforge.formats.hf.export import hf_state
     from chatforge.formats.hf.families import export_family
     from chatforge.model import Transformer

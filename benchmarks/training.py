@@ -45,7 +45,7 @@ def prepare_data(root: Path, quick: bool) -> tuple[Path, int]:
     """Char-level shards of Tiny Shakespeare (nanoGPT's 90/10 split) under root; returns (dir, padded vocab)."""
     from chatforge.data.shards import iter_train_text, prepare_shards
     from chatforge.tokenizer import train_tokenizer
-    from chatforge.train.pretrain import VOCAB_MULTIPLE
+    from chatforge.train.frame import VOCAB_MULTIPLE
 
     source = SHAKESPEARE
     if quick or not source.is_file():  # a small slice (or, without the file, made-up text)

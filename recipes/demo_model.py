@@ -395,7 +395,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from chatforge import ModelConfig, TrainConfig
-    from chatforge.formats.checkpoint import atomic_directory, is_checkpoint, load_checkpoint, save_checkpoint
+    from chatforge.formats.checkpoint import is_checkpoint, read_checkpoint, save_checkpoint
+    from chatforge.utils import atomic_directory
     from chatforge.train.finetune import finetune_chat
     from chatforge.train.pretrain import pretrain
 
@@ -424,7 +425,7 @@ def main(argv=None) -> int:
 
     base = work / "base"
     if not is_checkpoint(base):  # the pre-trained weights with the released context length
-        model, tok = load_checkpoint(work / "pretrain" / "last")
+        model, tok = read_checkpoint(work / "pretrain" / "last")
         model.config.block_size = CONTEXT
         save_checkpoint(base, model, tok)
 

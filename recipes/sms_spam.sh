@@ -43,7 +43,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has split; then
     python - <<'EOF'
 import os
-from chatforge.train.classify import split_table
+from chatforge.data.tables import split_table
 out = os.environ["OUT"]
 split = split_table(os.environ["SMS"], os.path.join(out, "split"), text_column="SMS", label_column="Label")
 # split/few/train.tsv: a stratified FEW_FRACTION of the training split

@@ -9,8 +9,9 @@ import signal
 import pytest
 import torch
 
-from chatforge.formats.checkpoint import (atomic_directory, load_checkpoint, load_model, load_trainer_state, resolve,
-                                  save_checkpoint)
+from chatforge.formats.checkpoint import (load_trainer_state, read_checkpoint as load_checkpoint, read_model as load_model,
+                                          resolve, save_checkpoint)
+from chatforge.utils import atomic_directory
 from chatforge.config import ModelConfig
 from chatforge.errors import CheckpointError
 from chatforge.model import Transformer

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from chatforge import ModelConfig, TrainConfig, pipeline
-from chatforge.formats.checkpoint import load_checkpoint, read_weights, save_checkpoint
+from chatforge.formats.checkpoint import read_checkpoint as load_checkpoint, read_weights, save_checkpoint
 from chatforge.errors import ChatforgeError, ConfigError, DataError
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.classify import (classification_metrics, confusion_matrix, finetune_classifier,
-                                      load_examples, read_table, split_table, stratified_split, with_classifier)
+from chatforge.data.tables import load_examples, read_table, split_table, stratified_split
+from chatforge.train.classify import classification_metrics, confusion_matrix, finetune_classifier, with_classifier
 from chatforge.train.objectives import Objective
 from chatforge.train.trainer import Trainer
 

@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 
 from chatforge import load
-from chatforge.formats.checkpoint import load_checkpoint
+from chatforge.formats.checkpoint import read_checkpoint as load_checkpoint
 
 TRAIN = ["--max-steps", "6", "--batch-size", "4", "--warmup-steps", "1", "--eval-interval", "3", "--eval-iters", "1",
          "--log-interval", "3", "--no-progress", "--precision", "fp32", "--device", "cpu"]

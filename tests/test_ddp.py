@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from chatforge.formats.checkpoint import load_model
+from chatforge.formats.checkpoint import read_model as load_model
 
 SCRIPT = """
 import json, os, sys

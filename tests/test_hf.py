@@ -18,7 +18,8 @@ from chatforge.chat.template import CHATML_TEMPLATE, ChatFormat  # noqa: E402
 from chatforge.formats.checkpoint import save_checkpoint  # noqa: E402
 from chatforge.config import ModelConfig  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
-from chatforge.formats.hf import export_hf, load_hf  # noqa: E402
+from chatforge.export import export_hf  # noqa: E402
+from chatforge.formats.hf import read_hf as load_hf  # noqa: E402
 from chatforge.model import Transformer  # noqa: E402
 from chatforge.tokenizer import Tokenizer  # noqa: E402
 

@@ -8,8 +8,9 @@ from chatforge.formats.checkpoint import WEIGHTS, read_weights
 from chatforge.config import ModelConfig
 from chatforge.errors import ConfigError
 from chatforge.loader import load
-from chatforge.lora import (LoRAConfig, LoRALinear, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter,
-                            split_state)
+from chatforge.export import save_adapter
+from chatforge.loader import load_adapter
+from chatforge.lora import LoRAConfig, LoRALinear, apply_lora, lora_layers, merge_lora, split_state
 from chatforge.model import Transformer
 
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from chatforge import ModelConfig, TrainConfig, pipeline
-from chatforge.formats.checkpoint import load_checkpoint, save_checkpoint
+from chatforge.formats.checkpoint import read_checkpoint as load_checkpoint, save_checkpoint
 from chatforge.errors import ChatforgeError, ConfigError, DataError
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.mlm import (MaskedLM, Masker, SentenceCorpus, nsp_pair, pair_layout, pretrain_encoder,
-                                 read_documents, split_sentences, truncate_pair)
+from chatforge.data.pairs import SentenceCorpus, nsp_pair
+from chatforge.data.text import pair_layout, read_documents, split_sentences, truncate_pair
+from chatforge.train.mlm import MaskedLM, Masker, pretrain_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

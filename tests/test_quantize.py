@@ -106,7 +106,7 @@ def test_loader_refuses_unknown_quantization(tmp_path):
 
 
 def test_loader_quantizes_hugging_face_directories(tmp_path, char_tokenizer, one_thread):
-    from chatforge.formats.hf import export_hf
+    from chatforge.export import export_hf
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("test", vocab_size=char_tokenizer.vocab_size)).eval()

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from chatforge.formats.checkpoint import load_model
+from chatforge.formats.checkpoint import read_model as load_model
 
 RUNNER = """
 import json, sys

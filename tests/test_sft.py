@@ -12,7 +12,8 @@ from chatforge.errors import ConfigError, DataError
 from chatforge.loader import load
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.objectives import IGNORE_INDEX
-from chatforge.train.sft import ChatSFT, PackedChats, pack, read_chat_jsonl
+from chatforge.data.chats import PackedChats, pack, read_chat_jsonl
+from chatforge.train.sft import ChatSFT
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there!"}],

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from chatforge.formats.checkpoint import load_checkpoint, load_trainer_state
+from chatforge.formats.checkpoint import load_trainer_state, read_checkpoint as load_checkpoint
 from chatforge.config import ModelConfig, TrainConfig
 from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.model import Transformer

@@ -12,23 +12,22 @@ old names, so a LoRA model's state dict is the base model's plus `*.lora_A` / `*
 Targets are module names: "qkv" (attention in-projection), "proj" (every output projection,
 attention's and the MLP's), "fc" (the MLP's first layer); a dotted suffix such as
 "attn.proj" or "mlp.proj" picks one kind, and a full name like "blocks.0.attn.qkv" one layer.
+
+Model surgery only: no file is read or written here. Adapter directories are
+chatforge.formats.adapter's; `chatforge.export.save_adapter` and `chatforge.loader.load_adapter`
+join the two. This module sits below formats/ and the loader, beside chatforge.quantize.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.errors import CheckpointError, ConfigError
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -139,7 +138,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors alone (what `save_adapter` writes)."""
+    """The adapter tensors alone (what an adapter directory holds)."""
     return {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_lora_key(k)}
 
 
@@ -159,37 +158,5 @@ def load_lora_state(model: nn.Module, adapters: dict[str, torch.Tensor], source:
     model.load_state_dict(adapters, strict=False)
 
 
-def save_adapter(directory: str | Path, model: nn.Module, config: LoRAConfig,
-                 base_model: Optional[str] = None) -> Path:
-    """adapter_config.json + adapter_model.safetensors (only the low-rank tensors), atomically."""
-    from safetensors.torch import save_file
-
-    from chatforge.formats.checkpoint import atomic_directory
-
-    with atomic_directory(directory) as tmp:
-        meta = {"peft_type": "LORA", "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-                "target_modules": config.targets, "base_model_name_or_path": base_model,
-                "layers": sorted(lora_layers(model))}
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        save_file(lora_state_dict(model), str(tmp / ADAPTER_WEIGHTS))
-    return Path(directory)
-
-
-def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
-    """Add the adapters saved in `directory` to `model` (a base model) and load their weights."""
-    from chatforge.formats.checkpoint import read_weights
-
-    directory = Path(directory)
-    path = directory / ADAPTER_CONFIG
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no {ADAPTER_CONFIG}; it is not a LoRA adapter directory")
-    meta = json.loads(path.read_text())
-    config = LoRAConfig(rank=meta["r"], alpha=meta["lora_alpha"], dropout=meta.get("lora_dropout", 0.0),
-                        targets=meta["target_modules"])
-    apply_lora(model, config)
-    load_lora_state(model, read_weights(directory / ADAPTER_WEIGHTS), str(directory))
-    return config
-
-
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "lora_layers", "lora_state_dict", "split_state",
-           "load_lora_state", "save_adapter", "load_adapter", "is_lora_key"]
+           "load_lora_state", "is_lora_key"]

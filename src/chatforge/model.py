@@ -3,7 +3,9 @@
 Read top to bottom: positional encodings, normalisation, attention, MLP, block, model.
 Every option (rotary or sinusoidal positions, grouped-query heads, sliding windows,
 SwiGLU, RMSNorm, bidirectional attention) lives in ModelConfig, so a checkpoint from
-any of those families runs on this one file.
+any of those families runs on this one file. Part of the core layer (it imports only
+config and errors): LoRA and quantized layers replace its Linears from above
+(chatforge.lora, chatforge.quantize) without this file naming them.
 """
 from __future__ import annotations
 
@@ -103,10 +105,13 @@ class Linear(nn.Linear):
             return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.weight, self.bias)
 
-    def gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    def fused_gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         """GELU(self(x)). For many rows of bf16 on a CPU, outside autograd (inference, a prefill), one
         oneDNN call applies the GELU as the multiply writes its output: run separately, torch's GELU
-        pass costs about as much as the multiply itself."""
+        pass costs about as much as the multiply itself.
+
+        A capability, not a type: MLP uses it on any layer that has it. Layers that replace this
+        one (LoRA, quantized) simply do not have it, and get the separate GELU."""
         if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() != x.shape[-1]
                 and not torch.is_grad_enabled() and _fused_gelu_works()):
             return _LINEAR_POINTWISE(x, self.weight, self.bias, "gelu", [], approximate)
@@ -217,8 +222,9 @@ class MLP(nn.Module):
         self.proj = Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind in ("gelu", "gelu_tanh") and isinstance(self.fc, Linear):  # not a LoRA or quantized layer
-            return self.proj(self.fc.gelu(x, "tanh" if self.kind == "gelu_tanh" else "none"))
+        fused = getattr(self.fc, "fused_gelu", None)  # a layer that can apply the GELU as it multiplies
+        if fused is not None and self.kind in ("gelu", "gelu_tanh"):
+            return self.proj(fused(x, "tanh" if self.kind == "gelu_tanh" else "none"))
         h = self.fc(x)
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
@@ -288,6 +294,10 @@ class ForwardContext:
 class Transformer(nn.Module):
     """Token (+ position, + segment) embeddings -> N blocks -> final norm -> vocabulary logits
     (and, when the config asks for one, a classifier over one pooled vector per sequence)."""
+
+    # the weight-only quantization its layers were given ("int8", "int4"; chatforge.quantize sets it),
+    # None in full precision; the forward pass does not look at it, callers (and tests) may
+    quantized: Optional[str] = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -3,6 +3,11 @@
     model = quantize_model(model)                                  # int8, in place; returns the model
     model, tok = chatforge.loader.load(path, quantize="int4")      # quantized while it loads
 
+Model surgery only: this module changes a built model (or fills a meta-device skeleton from a
+source of weight rows) and reads no files. It sits below formats/ and chatforge.loader, beside
+chatforge.lora, above the model; the loader opens the weights file and hands it over as a
+`RowSource`.
+
 Decoding one token reads every weight once, so its speed is bounded by memory bandwidth:
 one byte per weight instead of four (fp32) or two (bf16) moves that much less. Each Linear's
 weight becomes int8 with one scale per output row (symmetric: w ~ q * scale, q in [-127, 127]);
@@ -13,8 +18,8 @@ bf16 where the hardware has it, because torch's int8 kernel is fastest with bf16
 The forward picks its kernel by the number of rows: a few rows (decoding) go to torch's
 `_weight_int8pack_mm`, which reads the int8 weights directly; many rows (a prefill) widen the
 weight to the activation dtype and run an ordinary matrix multiply, which is compute-bound then
-anyway. Loading a chatforge checkpoint with `load_quantized_checkpoint` quantizes row chunk by
-row chunk, so the full-precision model never sits in memory.
+anyway. `quantize_from` (what the loader uses for a chatforge checkpoint) quantizes row chunk by
+row chunk as they are read, so the full-precision model never sits in memory.
 
 int4 halves the bytes again: each Linear's weight is cut into groups of INT4_GROUP inputs, each group
 with its own scale and zero point (asymmetric: w ~ (q - 8) * scale + zero, q in [0, 15]), packed two
@@ -27,14 +32,14 @@ stays int8.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chatforge.errors import CheckpointError, ChatforgeError
+from chatforge.errors import ChatforgeError
+from chatforge.utils import bf16_supported
 
 QUANT_MODES = ("int8", "int4")
 # torch's int8-weight x float-activation kernel; it needs the input width to be a multiple of 16
@@ -339,8 +344,6 @@ def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype) -> nn.Mod
 
 def default_dtype(device: torch.device, current: torch.dtype = torch.float32) -> torch.dtype:
     """Activation dtype of a quantized model: bf16 where multiplies in it are native, else `current`."""
-    from chatforge.utils import bf16_supported
-
     return torch.bfloat16 if current != torch.float16 and bf16_supported(device) else current
 
 
@@ -379,74 +382,64 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-# --- loading straight into int8 ---------------------------------------------------------------
+# --- quantizing while the weights are read --------------------------------------------------------
+
+class RowSource(Protocol):
+    """Where quantize_from reads the weights of a model, by state-dict name (chatforge.formats'
+    SafetensorsFile is one): shapes first, matrices a slab of rows at a time."""
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def rows(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, slab) pairs covering tensor `name` along dim 0; a slab may be reused (and is
+        overwritten here) once the next one is asked for."""
+        ...
+
+    def read(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The whole tensor `name`, floating ones converted to `dtype`."""
+        ...
+
 
 @torch.no_grad()
-def load_quantized_checkpoint(directory: str | Path, mode: str = "int8", device: str | torch.device = "cpu",
-                              dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """The model of a chatforge checkpoint directory, quantized while it is read.
+def quantize_from(model: nn.Module, source: RowSource, mode: str = "int8",
+                  dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Fill `model`, a chatforge Transformer built on the meta device (no memory), from `source`
+    with quantized layers (mode "int8" or "int4"); returns it on the CPU.
 
-    Matrices are read from the safetensors file a slab of rows at a time with plain reads (a
-    memory map would keep every page it touched resident) and quantized at once, so the peak
-    memory is about the quantized model, not the full-precision one.
+    Each matrix is quantized slab by slab as `source` hands its rows over, so the peak memory is
+    about the quantized model, never the full-precision one. The weights' names and shapes must
+    already have been checked against the model. dtype: the activations' dtype (default: bf16
+    where this CPU has it, else fp32).
     """
-    from chatforge.formats.checkpoint import WEIGHTS, load_config, resolve
-    from chatforge.formats.safetensors import SafetensorsFile
-    from chatforge.model import Transformer
-
-    check_mode(mode)
-    directory = resolve(directory)
-    config = load_config(directory)
-    device = torch.device(device) if isinstance(device, str) else device
-    dtype = dtype or default_dtype(device)
-    with torch.device("meta"):
-        model = Transformer(config)
+    if check_mode(mode) is None:
+        raise ValueError("quantize_from needs a mode: int8 or int4")
+    dtype = dtype or default_dtype(torch.device("cpu"))
     tied = model.lm_head.weight is model.wte.weight
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    path = directory / WEIGHTS
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no {WEIGHTS}; the checkpoint is incomplete")
-    try:
-        f = SafetensorsFile(path)
-        _check_shapes(expected, {k: f.shape(k) for k in f.names()}, directory)
 
-        def int8(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-            return quantize_rows((slab for _, slab in f.rows(name)), f.shape(name))
+    def int8(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_rows((slab for _, slab in source.rows(name)), source.shape(name))
 
-        def int4(name: str) -> tuple[torch.Tensor, ...]:
-            return quantize_rows_int4((slab for _, slab in f.rows(name)), f.shape(name))
+    def int4(name: str) -> tuple[torch.Tensor, ...]:
+        return quantize_rows_int4((slab for _, slab in source.rows(name)), source.shape(name))
 
-        for full, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-            source = "wte.weight" if tied and full == "lm_head" else f"{full}.weight"
-            bias = f.read(f"{full}.bias") if f"{full}.bias" in expected else None
-            if mode == "int4" and int4_ok(linear.in_features):
-                _replace(model, full, Int4Linear(*int4(source), bias, dtype, out_features=f.shape(source)[0]))
-            else:
-                _replace(model, full, Int8Linear(*int8(source), bias, dtype))
-        model.wte = Int8Embedding(head=model.lm_head) if tied else Int8Embedding(*_scaled(int8("wte.weight"), dtype))
-        rest = {name: f.read(name, dtype) for name, _ in model.named_parameters()}
-    except (OSError, ValueError, KeyError, CheckpointError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({e}); restore it or use another checkpoint") from None
+    for full, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        weight = "wte.weight" if tied and full == "lm_head" else f"{full}.weight"
+        bias = source.read(f"{full}.bias") if linear.bias is not None else None
+        if mode == "int4" and int4_ok(linear.in_features):
+            _replace(model, full, Int4Linear(*int4(weight), bias, dtype, out_features=source.shape(weight)[0]))
+        else:
+            _replace(model, full, Int8Linear(*int8(weight), bias, dtype))
+    if tied:
+        model.wte = Int8Embedding(head=model.lm_head)
+    else:
+        q, scale = int8("wte.weight")
+        model.wte = Int8Embedding(q, scale.to(dtype))
+    rest = {name: source.read(name, dtype) for name, _ in model.named_parameters()}
     model.load_state_dict(rest, strict=False, assign=True)
     model.quantized = mode
-    return model.to(device).eval()
-
-
-def _scaled(qs: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return qs[0], qs[1].to(dtype)
+    return model.eval()
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], directory: Path) -> None:
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise CheckpointError(f"{directory} weights do not match its config (missing {', '.join(missing[:4])}"
-                              f"{' ...' if len(missing) > 4 else ''})")
-    for name, shape in expected.items():
-        if found[name] != shape:
-            raise CheckpointError(f"{directory} weight {name} has shape {found[name]} but the config needs {shape}; "
-                                  "the weights and config.json do not belong together")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Iterator, Optional, Union
 
-from chatforge.chat.template import validate_messages
+from chatforge.data.chats import validate_messages
 
 
 class Conversation:

@@ -1,17 +1,22 @@
 """Replies to conversations: template + context budget + engine, shared by every chat interface.
 
 The pipeline, the REPL and the server all ask this module for a reply, so a conversation
-is rendered, trimmed to fit and stopped the same way everywhere.
+is rendered, trimmed to fit and stopped the same way everywhere, and starts from the same
+sampling settings (CHAT_DEFAULTS).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from chatforge.engine import Engine, Generation, GenerationConfig
 from chatforge.chat.conversation import Conversation
 from chatforge.chat.template import ChatFormat
+
+# What every chat interface (REPL, pipeline, server, web page) samples with unless told otherwise.
+# Shared: derive from it with .replace(...), never change it in place.
+CHAT_DEFAULTS = GenerationConfig(max_new_tokens=256, temperature=0.7, top_p=0.95)
 
 
 @dataclass
@@ -37,12 +42,14 @@ class Reply:
 class ChatModel:
     """An engine plus its chat format: turns conversations into replies."""
 
-    def __init__(self, engine: Engine, defaults: Optional[GenerationConfig] = None):
+    def __init__(self, engine: Engine, defaults: Optional[GenerationConfig] = None) -> None:
         self.engine = engine
         self.format = ChatFormat.for_tokenizer(engine.tokenizer)
-        self.defaults = defaults or GenerationConfig(max_new_tokens=256, temperature=0.7, top_p=0.95)
+        self.defaults = defaults or CHAT_DEFAULTS
 
-    def config(self, base: Optional[GenerationConfig] = None, **overrides) -> GenerationConfig:
+    def config(self, base: Optional[GenerationConfig] = None, **overrides: Any) -> GenerationConfig:
+        """`base` (default: this model's chat defaults) with the overrides that are not None, plus the
+        chat format's turn-boundary stop strings."""
         cfg = (base or self.defaults).replace(**{k: v for k, v in overrides.items() if v is not None})
         if self.format.stop:  # the fallback template ends a reply where the next turn would start
             cfg = cfg.replace(stop=list(dict.fromkeys([*cfg.stop, *self.format.stop])))
@@ -55,7 +62,8 @@ class ChatModel:
         kept, dropped = self.format.fit(messages, context - reserve)
         return self.format.encode(kept), dropped
 
-    def stream(self, conversation: Conversation, config: Optional[GenerationConfig] = None, **overrides) -> Reply:
+    def stream(self, conversation: Conversation, config: Optional[GenerationConfig] = None,
+               **overrides: Any) -> Reply:
         """Stream the assistant's next reply; it is appended to the conversation when the stream ends."""
         cfg = self.config(config, **overrides)
         ids, dropped = self.prompt(conversation.messages, cfg)
@@ -78,7 +86,7 @@ class ChatModel:
         return reply
 
     def reply(self, conversations: Sequence[Conversation], config: Optional[GenerationConfig] = None,
-              **overrides) -> list[Generation]:
+              **overrides: Any) -> list[Generation]:
         """Generate the next reply of several conversations in one batch and append each."""
         cfg = self.config(config, **overrides)
         prompts = []

@@ -14,14 +14,13 @@ from typing import Any, Optional, Sequence
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from chatforge.data.chats import validate_messages
 from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import Tokenizer
 
 # stands in for message i while locating message text in a rendered template (private-use characters)
 _MARK = "\ue000{}\ue001"
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")
-
-ROLES = ("system", "user", "assistant")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -55,23 +54,6 @@ def _compile(template: str):
         return env.from_string(template)
     except TemplateError as e:
         raise ChatforgeError(f"the chat template is not valid Jinja: {e}") from None
-
-
-def validate_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """Check roles and contents; return plain {"role", "content"} dicts."""
-    if not messages:
-        raise ChatforgeError("the conversation is empty: add at least one user message")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ChatforgeError(f"message {i} must be an object with 'role' and 'content'")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise ChatforgeError(f"message {i} has unknown role {role!r}; use one of: {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise ChatforgeError(f"message {i} content must be a string")
-        out.append({"role": role, "content": content})
-    return out
 
 
 @dataclass

@@ -21,8 +21,10 @@ def _flag_type(hint: Any) -> tuple[Any, dict]:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (),
-                        keep_defaults: bool = True, title: Optional[str] = None) -> None:
-    """One `--field-name` flag per field; with keep_defaults=False every default is None (= not given)."""
+                        keep_defaults: bool = True, title: Optional[str] = None,
+                        help: Optional[dict[str, str]] = None) -> None:
+    """One `--field-name` flag per field; with keep_defaults=False every default is None (= not given).
+    `help` maps field names to their one-line help."""
     group = parser.add_argument_group(title or cls.__name__)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -30,7 +32,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Seq
             continue
         typ, extra = _flag_type(hints[f.name])
         default = f.default if (keep_defaults and f.default is not dataclasses.MISSING) else None
-        kwargs: dict[str, Any] = dict(dest=f.name, default=default, **extra)
+        kwargs: dict[str, Any] = dict(dest=f.name, default=default, help=(help or {}).get(f.name), **extra)
         if typ is not None:
             kwargs["type"] = typ
             kwargs["metavar"] = f.name.upper()

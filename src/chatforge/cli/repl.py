@@ -1,10 +1,14 @@
-"""`chatforge chat`: an interactive chat in the terminal, or one scripted reply with --prompt."""
+"""`chatforge chat`: an interactive chat in the terminal, or one scripted reply with --prompt.
+
+Replies come from chat.session.ChatModel, starting from its chat defaults; a bad setting (from a
+flag or `/set`) is GenerationConfig's error, printed on one line.
+"""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Any, Optional, TextIO
 
 from chatforge.engine import GenerationConfig
 from chatforge.errors import ChatforgeError
@@ -28,8 +32,10 @@ SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, 
 
 
 class Repl:
+    """The read-say loop over one conversation, with /commands."""
+
     def __init__(self, chat: ChatModel, config: GenerationConfig, system: Optional[str] = None,
-                 out: TextIO = sys.stdout, err: TextIO = sys.stderr):
+                 out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
         self.chat, self.config, self.out, self.err = chat, config, out, err
         self.conversation = Conversation(system=system)
 
@@ -165,7 +171,8 @@ class Repl:
 
 
 def run_chat(model: Optional[str] = None, *, prompt: Optional[str] = None, system: Optional[str] = None,
-             device: str = "auto", dtype: Optional[str] = None, quantize: Optional[str] = None, **options) -> int:
+             device: str = "auto", dtype: Optional[str] = None, quantize: Optional[str] = None,
+             **options: Any) -> int:
     """The `chatforge chat` verb: a REPL, or with `prompt` one reply printed to stdout."""
     from chatforge.engine import Engine
     from chatforge.loader import load

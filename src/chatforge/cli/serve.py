@@ -38,7 +38,5 @@ def register(sub) -> None:
                     f"OpenAI-compatible API at /v1 and a web chat page at /. The API key may also come from "
                     f"${API_KEY_ENV}; conversations are kept in SQLite at --db (default {default_db_path()}, "
                     f"or ${DB_ENV}). Ctrl-C or SIGTERM stops it cleanly.")
-    add_dataclass_flags(p, ServeConfig, keep_defaults=False, title="serve options")
-    for action in p._actions:  # one line of help per ServeConfig field
-        action.help = HELP.get(action.dest, action.help)
+    add_dataclass_flags(p, ServeConfig, keep_defaults=False, title="serve options", help=HELP)
     p.set_defaults(func=cmd_serve)

@@ -16,16 +16,15 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from chatforge.errors import ConfigError, DataError
-from chatforge.utils import atomic_write_text
+from chatforge.utils import atomic_directory, atomic_write_text
 
 META = "meta.json"
 SPLITS = ("train", "val")
@@ -169,6 +168,7 @@ def iter_train_text(files: Sequence[Path], val_fraction: float) -> Iterator[str]
 # --- writing shards ---------------------------------------------------------------------------
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 ids while the vocabulary fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
@@ -208,7 +208,7 @@ class _ShardWriter:
 
 
 def prepare_shards(inputs: Sequence[str | Path], tokenizer, out_dir: str | Path, *, val_fraction: float = 0.1,
-                   shard_tokens: int = SHARD_TOKENS, progress: bool = True) -> dict:
+                   shard_tokens: int = SHARD_TOKENS, progress: bool = True) -> dict[str, Any]:
     """Tokenize text files into train/val shards in `out_dir` and write meta.json; returns the meta.
 
     Files are joined with the tokenizer's end-of-text token. The folder is built under a
@@ -216,52 +216,44 @@ def prepare_shards(inputs: Sequence[str | Path], tokenizer, out_dir: str | Path,
     """
     files = find_inputs(inputs)
     total, val_start = split_offset(files, val_fraction)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
     eos = tokenizer.eos_id
-    try:
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
-                  disable=not progress, dynamic_ncols=True) as bar:
-            current_file = 0
-            for split, index, text in iter_corpus(files, val_start, bar=bar):
-                if index != current_file and eos is not None:  # a document boundary
-                    writers[split].write(np.array([eos], dtype=np.int64))
-                current_file = index
-                pieces = _pieces(text, PIECE_BYTES)
-                encoded = tokenizer.encode_batch(pieces)
-                writers[split].write(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded]))
-    finally:
-        for w in writers.values():
-            w.close()
-    for split, w in writers.items():
-        if w.tokens == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            what = "training" if split == "train" else "validation"
-            raise DataError(f"the {what} split is empty ({total} bytes of text in all); add more text "
-                            f"or change --val-fraction (now {val_fraction})")
-    meta = {
-        "version": 1,
-        "dtype": dtype.name,
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer": getattr(tokenizer, "kind", "bpe"),
-        "val_fraction": val_fraction,
-        "bytes": {"train": val_start, "val": total - val_start},
-        "tokens": {s: w.tokens for s, w in writers.items()},
-        "shards": {s: w.shards for s, w in writers.items()},
-        "sources": [str(p) for p in files],
-    }
-    atomic_write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    with atomic_directory(out_dir) as tmp:
+        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
+                      disable=not progress, dynamic_ncols=True) as bar:
+                current_file = 0
+                for split, index, text in iter_corpus(files, val_start, bar=bar):
+                    if index != current_file and eos is not None:  # a document boundary
+                        writers[split].write(np.array([eos], dtype=np.int64))
+                    current_file = index
+                    encoded = tokenizer.encode_batch(text_pieces(text, PIECE_BYTES))
+                    writers[split].write(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in encoded]))
+        finally:
+            for w in writers.values():
+                w.close()
+        for split, w in writers.items():
+            if w.tokens == 0:
+                what = "training" if split == "train" else "validation"
+                raise DataError(f"the {what} split is empty ({total} bytes of text in all); add more text "
+                                f"or change --val-fraction (now {val_fraction})")
+        meta = {
+            "version": 1,
+            "dtype": dtype.name,
+            "vocab_size": tokenizer.vocab_size,
+            "tokenizer": getattr(tokenizer, "kind", "bpe"),
+            "val_fraction": val_fraction,
+            "bytes": {"train": val_start, "val": total - val_start},
+            "tokens": {s: w.tokens for s, w in writers.items()},
+            "shards": {s: w.shards for s, w in writers.items()},
+            "sources": [str(p) for p in files],
+        }
+        atomic_write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def _pieces(text: str, size: int) -> list[str]:
+def text_pieces(text: str, size: int = PIECE_BYTES) -> list[str]:
     """Split text into pieces of about `size` characters at newlines (for parallel encoding)."""
     if len(text) <= size:
         return [text]
@@ -274,7 +266,8 @@ def _pieces(text: str, size: int) -> list[str]:
     return out
 
 
-def load_meta(directory: str | Path) -> dict:
+def load_meta(directory: str | Path) -> dict[str, Any]:
+    """The meta.json of a shard directory (dtype, token counts, shard files), or a DataError saying what is wrong."""
     path = Path(directory) / META
     if not path.is_file():
         raise DataError(f"{directory} holds no token shards (no {META}); prepare them with `chatforge pretrain --data ...`")

@@ -6,6 +6,7 @@
         print(piece, end="", flush=True)
     s.result.finish_reason  # "stop" | "length"
 
+Every prompt is checked by prompt.check_prompt (vocabulary, context) when its Request is made.
 A batch is left-padded into one tensor and prefilled once into a preallocated KV cache;
 then each decode step feeds one token per row. Rows that finish leave the batch.
 DecodeState is one running batch, and its `step()` and `join()` are the seam for a serving
@@ -21,22 +22,23 @@ import numbers
 import sys
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, TextIO, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, TextIO, Union
 
 import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.engine.generation import GenerationConfig
 from chatforge.engine.kv_cache import KVCache
+from chatforge.engine.prompt import check_prompt, start_ids
 from chatforge.engine.sampling import NEG_INF, SamplingParams, sample
 from chatforge.engine.stream import TextTracker
 
+if TYPE_CHECKING:
+    from chatforge.model import Transformer
+    from chatforge.tokenizer import Tokenizer
+
 Prompt = Union[str, Sequence[int]]
 Configs = Union[GenerationConfig, Sequence[GenerationConfig], None]
-
-
-class PromptTooLongError(ChatforgeError):
-    """The prompt leaves no room in the model's context to generate anything."""
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Request:
     """One prompt being continued: its settings, its tokens so far and the text they make."""
 
     def __init__(self, prompt_ids: list[int], config: GenerationConfig, max_new: int, stop_ids: Sequence[int],
-                 tokenizer, incremental: bool, trace: bool = False):
+                 tokenizer: Tokenizer, incremental: bool, trace: bool = False) -> None:
         self.prompt_ids = prompt_ids
         self.config = config
         self.max_new = max_new  # max_new_tokens clipped to the room left in the context
@@ -107,6 +109,10 @@ class Request:
             piece += self._finish("length")
         return piece
 
+    def cancel(self) -> None:
+        """Finish at the next token this request is given (its client has gone): the batch drops it then."""
+        self.max_new = min(self.max_new, self.completion_tokens + 1)
+
     def _finish(self, reason: str) -> str:
         self.finish_reason = reason
         if not self.incremental:
@@ -132,7 +138,7 @@ class DecodeState:
     use_cache=False every step recomputes the whole sequence (the slow reference path).
     """
 
-    def __init__(self, engine: "Engine", requests: list[Request], use_cache: bool = True):
+    def __init__(self, engine: "Engine", requests: list[Request], use_cache: bool = True) -> None:
         self.engine = engine
         self.requests = [r for r in requests if not r.done]
         self.use_cache = use_cache
@@ -244,17 +250,20 @@ class DecodeState:
         pieces += other.step() if not other.started else []
         if other.done:
             return pieces
-        if self.done:
-            self.__dict__.update(other.__dict__)
+        if self.done:  # this batch has finished: carry on with the newcomer's cache as it is
+            self.cache, self._seen = other.cache, other._seen
+            live = [other]
         else:
             length = max(self.cache.length, other.cache.length)
             room = max(r.remaining for r in self.requests + other.requests)
             self.cache = KVCache.concat([self.cache, other.cache], max_len=length + room)
-            self.requests = self.requests + other.requests
-            self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
             self._seen = None  # rebuilt from the requests' tokens when a penalty needs it
-            self._params = SamplingParams([r.config for r in self.requests], self.engine.device)
-            self._tracing = self._tracing or other._tracing
+            live = [self, other]
+        self.started = True
+        self.requests = [r for s in live for r in s.requests]
+        self.next_tokens = torch.cat([s.next_tokens for s in live])
+        self._params = SamplingParams([r.config for r in self.requests], self.engine.device)
+        self._tracing = any(s._tracing for s in live)
         other.requests = []
         return pieces
 
@@ -265,7 +274,7 @@ class TextStream:
     Reading `.result` before the end finishes the generation first.
     """
 
-    def __init__(self, state: DecodeState, request: Request):
+    def __init__(self, state: DecodeState, request: Request) -> None:
         self._state = state
         self._request = request
         self._pieces: deque[str] = deque()
@@ -290,8 +299,8 @@ class TextStream:
 class Engine:
     """Generation for one model and tokenizer: batched, cached, streamed, stopped."""
 
-    def __init__(self, model, tokenizer, device: Optional[torch.device | str] = None,
-                 dtype: Optional[torch.dtype] = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, device: Optional[torch.device | str] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         if isinstance(device, str):
             from chatforge.utils import pick_device
 
@@ -355,20 +364,10 @@ class Engine:
 
     def request(self, prompt_ids: Sequence[int], config: GenerationConfig, incremental: bool = False,
                 trace: bool = False) -> Request:
-        """Check one prompt against the vocabulary and context, and clip its max_new_tokens."""
-        ids = [int(i) for i in prompt_ids]
-        n, limit = len(ids), self.model.config.vocab_size
-        if n == 0:
-            raise ChatforgeError("the prompt is empty: give at least one token (e.g. the tokenizer's bos token)")
-        if min(ids) < 0 or max(ids) >= limit:
-            bad = next(i for i in ids if not 0 <= i < limit)
-            raise ChatforgeError(f"prompt token id {bad} is outside the model's vocabulary (0..{limit - 1})")
-        if n >= self.context:
-            raise PromptTooLongError(
-                f"prompt is {n} tokens but the model's context is {self.context} tokens, leaving no room to "
-                f"generate; shorten the prompt to at most {self.context - 1} tokens")
+        """Check one prompt against the vocabulary and context (check_prompt), and clip its max_new_tokens."""
+        ids = check_prompt(prompt_ids, self.model.config)
         stop_ids = self.default_stop_ids if config.stop_token_ids is None else config.stop_token_ids
-        max_new = min(config.max_new_tokens, self.context - n)
+        max_new = min(config.max_new_tokens, self.context - len(ids))
         return Request(ids, config, max_new, stop_ids, self.tokenizer, incremental, trace)
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None,
@@ -423,13 +422,7 @@ def generate_text(model_dir: str, prompt: str, *, max_new_tokens: int = 200, tem
         dtype = "bf16"
     model, tokenizer = load(model_dir, device=dev, dtype=dtype, quantize=quantize)
     engine = Engine(model, tokenizer)
-    ids = tokenizer.encode(prompt)
-    if not ids:  # nothing to continue from: start a fresh document
-        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-        if start is None:
-            raise ChatforgeError("the prompt is empty and the tokenizer has no bos/eos token to start from; "
-                                 "pass some prompt text")
-        ids = [start]
+    ids = tokenizer.encode(prompt) or start_ids(tokenizer)  # nothing to continue from: a fresh document
     if not stream:
         [result] = engine.generate(ids, config)
         out.write(result.text)

@@ -2,7 +2,9 @@
 
 Field names and meanings follow Hugging Face `generate()` so users can bring what they
 know; every interface (CLI, chat, pipeline, server) fills one of these and hands it to
-the Engine.
+the Engine. It is the one place generation settings are checked: a value out of range is
+a GenerationConfigError naming the field, which the CLI prints on one line and the server
+answers with a 400 whose `param` is the request's name for that field.
 """
 from __future__ import annotations
 
@@ -13,6 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from chatforge.errors import ConfigError
+
+
+class GenerationConfigError(ConfigError):
+    """A generation setting out of range: `field` names it, `rule` says what is allowed."""
+
+    def __init__(self, field: str, rule: str, value: Any) -> None:
+        self.field, self.rule, self.value = field, rule, value
+        super().__init__(self.message(field))
+
+    def message(self, name: str) -> str:
+        """The error worded for an interface that calls the field `name` (the server's max_tokens, say)."""
+        return f"{name} {self.rule}, got {self.value!r}"
 
 
 @dataclass
@@ -39,27 +53,32 @@ class GenerationConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Refuse values that make no sense, naming the field and the allowed range."""
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not _is_real(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
-            raise ConfigError(f"top_k must be a positive integer or None (off), got {self.top_k!r}")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
-            raise ConfigError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
-        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
+        """Refuse values that make no sense: a GenerationConfigError naming the field and the allowed range.
+
+        The rules are Hugging Face's: temperature has no upper bound here (an API may declare one).
+        """
+        checks = [
+            ("max_new_tokens", "must be a positive integer", self.max_new_tokens,
+             _is_int(self.max_new_tokens) and self.max_new_tokens >= 1),
+            ("temperature", "must be >= 0 (0 = greedy)", self.temperature,
+             _is_real(self.temperature) and self.temperature >= 0),
+            ("top_k", "must be a positive integer or None (off)", self.top_k,
+             self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0)),
+            ("top_p", "must be in (0, 1] (1 = off)", self.top_p, _is_real(self.top_p) and 0 < self.top_p <= 1),
+            ("min_p", "must be in [0, 1] (0 = off)", self.min_p, _is_real(self.min_p) and 0 <= self.min_p <= 1),
+            ("repetition_penalty", "must be > 0 (1 = off)", self.repetition_penalty,
+             _is_real(self.repetition_penalty) and self.repetition_penalty > 0),
+            ("seed", "must be an integer or None", self.seed, self.seed is None or _is_int(self.seed)),
+        ]
+        for name, rule, value, ok in checks:
+            if not ok:
+                raise GenerationConfigError(name, rule, value)
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ConfigError(f"stop strings must be non-empty text, got {s!r}")
+                raise GenerationConfigError("stop", "must be non-empty strings", s)
         for i in self.stop_token_ids or []:
             if not _is_int(i) or i < 0:
-                raise ConfigError(f"stop_token_ids must be non-negative token ids, got {i!r}")
+                raise GenerationConfigError("stop_token_ids", "must be non-negative token ids", i)
 
     @property
     def greedy(self) -> bool:

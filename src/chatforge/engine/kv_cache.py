@@ -15,8 +15,10 @@ from chatforge.config import ModelConfig
 
 
 class KVCache:
+    """Every layer's keys and values for a batch, with each slot's position and validity."""
+
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.dim_head)
         # never read before written: only the filled slots [:length] are handed to the attention
         self.k = torch.empty(shape, device=device, dtype=dtype)
@@ -32,7 +34,8 @@ class KVCache:
         """(B,) position the next real token of each row will have."""
         return self.next_pos
 
-    def reserve(self, positions: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+    def reserve(self, positions: torch.Tensor,
+                attention_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Claim slots for T new tokens; return the positions and validity of every key so far.
 
         The validity is None when every slot holds a real token (no padding anywhere): the
@@ -72,6 +75,20 @@ class KVCache:
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
         self.pos, self.valid = self.pos.index_select(0, rows), self.valid.index_select(0, rows)
         self.next_pos = self.next_pos.index_select(0, rows)
+
+    def dead_prefix(self) -> int:
+        """How many leading filled slots are padding in every row: no row attends to them any more."""
+        used = self.valid[:, :self.length].any(0)
+        return int(used.int().argmax()) if bool(used.any()) else self.length
+
+    def trim(self, first: int) -> None:
+        """Drop slots [:first] (slots no row attends to: see dead_prefix), copying the rest to new tensors."""
+        self.k = self.k[:, :, :, first:].clone()
+        self.v = self.v[:, :, :, first:].clone()
+        self.pos = self.pos[:, first:].clone()
+        self.valid = self.valid[:, first:].clone()
+        self.length -= first
+        self.max_len -= first
 
     @classmethod
     def concat(cls, caches: list["KVCache"], max_len: int = 0) -> "KVCache":

@@ -218,7 +218,7 @@ def attribute_text(model, tokenizer, text: str, *, target: Target = None, method
     """input_attribution for text, laid out the way the model reads it ([CLS] ... [SEP] for encoder
     classifiers, a final end-of-text token for decoder classifiers, the bare text for language models)."""
     if _is_classifier(model):
-        from chatforge.train.classify import encode_examples
+        from chatforge.data.tables import encode_examples
 
         [(ids, types)] = encode_examples(tokenizer, model.config, [text], None if text_pair is None else [text_pair],
                                          model.config.block_size)

@@ -1,12 +1,17 @@
-"""What every explanation shares: readable token labels, one forward pass that keeps the
-attention weights, (figures: chatforge.figures)."""
+"""What every explanation shares: readable token labels, the check of the ids it reads (the
+engine's check_prompt), one forward pass that keeps the attention weights, and picking layers.
+Figures are drawn with chatforge.figures."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from chatforge.engine.prompt import check_prompt
 from chatforge.errors import ChatforgeError
+
+if TYPE_CHECKING:
+    from chatforge.tokenizer import Tokenizer
 
 # visible stand-ins for characters that would otherwise vanish from an axis label
 _VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
@@ -22,7 +27,7 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTES = _byte_level_alphabet()
 
 
-def display_token(tokenizer, token_id: int) -> str:
+def display_token(tokenizer: Tokenizer, token_id: int) -> str:
     """One token as a short readable label: spaces as ␣, newlines as ↵, tabs as ⇥.
 
     A byte-level token that holds only part of a UTF-8 character (which decodes to U+FFFD) shows
@@ -45,30 +50,23 @@ def display_token(tokenizer, token_id: int) -> str:
     return "".join(out)
 
 
-def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
+def token_labels(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """display_token of each id."""
     return [display_token(tokenizer, i) for i in ids]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
+    """The device the model's weights are on."""
     return next(model.parameters()).device
 
 
-def check_ids(model, ids: Sequence[int]) -> list[int]:
-    """Token ids as a plain list, refused with a clear message when the model cannot read them."""
-    ids = [int(i) for i in ids]
-    if not ids:
-        raise ChatforgeError("the text is empty: there is nothing to explain")
-    if len(ids) > model.config.block_size:
-        raise ChatforgeError(f"the text is {len(ids)} tokens but the model's context is {model.config.block_size}; "
-                             "shorten it")
-    bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
-    if bad:
-        raise ChatforgeError(f"token id {bad[0]} is outside the model's vocabulary (0..{model.config.vocab_size - 1})")
-    return ids
+def check_ids(model: torch.nn.Module, ids: Sequence[int]) -> list[int]:
+    """Token ids as a plain list, refused (check_prompt) unless one forward pass of the model can read them all."""
+    return check_prompt(ids, model.config, room=0, what="text")
 
 
 @torch.no_grad()
-def forward_with_attention(model, ids: Sequence[int], token_type_ids: Optional[Sequence[int]] = None,
+def forward_with_attention(model: torch.nn.Module, ids: Sequence[int], token_type_ids: Optional[Sequence[int]] = None,
                            logits: str = "all") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(output of one sequence, [per-layer (H, T, T) fp32 attention weights]) on the CPU.
 

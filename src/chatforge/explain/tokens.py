@@ -14,25 +14,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.explain.common import average_attention, check_ids, display_token, forward_with_attention, model_device, token_labels
+from chatforge.explain.common import (average_attention, check_ids, display_token, forward_with_attention,
+                                    model_device, token_labels)
 from chatforge.figures import pyplot, save_figure
 
+if TYPE_CHECKING:
+    from chatforge.tokenizer import Tokenizer
 
-def next_token_probs(logits: torch.Tensor, tokenizer) -> torch.Tensor:
+def next_token_probs(logits: torch.Tensor, tokenizer: Tokenizer) -> torch.Tensor:
     """Softmax over the tokens the tokenizer can produce (a model's vocabulary may be padded past it)."""
     logits = logits.float().clone()
     logits[..., min(tokenizer.vocab_size, logits.shape[-1]):] = float("-inf")
     return logits.softmax(-1)
 
 
-def describe_token(tokenizer, probs: torch.Tensor, attn_row: torch.Tensor, context: Sequence[int], token: int,
-                   top_k: int = 5, top_attn: int = 5) -> dict[str, Any]:
+def describe_token(tokenizer: Tokenizer, probs: torch.Tensor, attn_row: torch.Tensor, context: Sequence[int],
+                   token: int, top_k: int = 5, top_attn: int = 5) -> dict[str, Any]:
     """One chosen token as a JSON-ready dict: see inspect_reply for the fields.
 
     probs: (V,) the distribution it was chosen from; attn_row: (len(context),) how much the predicting
@@ -56,8 +59,8 @@ def describe_token(tokenizer, probs: torch.Tensor, attn_row: torch.Tensor, conte
 
 # --- a finished reply (the server's inspect endpoint) ------------------------------------------------
 
-def inspect_reply(model, tokenizer, prompt_ids: Sequence[int], reply_ids: Sequence[int], *, top_k: int = 5,
-                  top_attn: int = 5, attn_layers: str | int = "last") -> list[dict[str, Any]]:
+def inspect_reply(model: torch.nn.Module, tokenizer: Tokenizer, prompt_ids: Sequence[int], reply_ids: Sequence[int],
+                  *, top_k: int = 5, top_attn: int = 5, attn_layers: str | int = "last") -> list[dict[str, Any]]:
     """Explain each token of a reply that followed `prompt_ids`, from one forward pass over both.
 
     Returns one JSON-serialisable dict per reply token:
@@ -129,9 +132,9 @@ class ExplainedGeneration:
         return maps
 
 
-def explain_generation(model, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 20, *,
-                       alternatives: int = 5, top_attn: int = 5, attn_layers: str | int = "last",
-                       **sampling: Any) -> ExplainedGeneration:
+def explain_generation(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str | Sequence[int],
+                       max_new_tokens: int = 20, *, alternatives: int = 5, top_attn: int = 5,
+                       attn_layers: str | int = "last", **sampling: Any) -> ExplainedGeneration:
     """Generate through the engine with trace=True and describe every new token.
 
     sampling: GenerationConfig fields (temperature defaults to 0, greedy; seed, top_k, stop, ...).
@@ -160,7 +163,7 @@ def explain_generation(model, tokenizer, prompt: str | Sequence[int], max_new_to
 # --- logit lens ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def residual_stream(model, ids: Sequence[int]) -> list[torch.Tensor]:
+def residual_stream(model: torch.nn.Module, ids: Sequence[int]) -> list[torch.Tensor]:
     """The (T, C) residual stream of one sequence before the first block and after each block
     (n_layer + 1 tensors), read with forward hooks: the model itself is unchanged."""
     ids = check_ids(model, ids)
@@ -206,7 +209,7 @@ class LogitLens:
         return save_figure(plot_logit_lens(self, max_positions), path)
 
 
-def logit_lens(model, tokenizer, ids: Sequence[int], top_k: int = 5) -> LogitLens:
+def logit_lens(model: torch.nn.Module, tokenizer: Tokenizer, ids: Sequence[int], top_k: int = 5) -> LogitLens:
     """Apply the final norm and output head to the residual stream after every layer (nostalgebraist's
     logit lens): where in the depth the model's prediction for each next token forms."""
     if model.config.task != "lm":
@@ -225,7 +228,7 @@ def logit_lens(model, tokenizer, ids: Sequence[int], top_k: int = 5) -> LogitLen
     return LogitLens(ids, token_labels(tokenizer, ids), layers, ids_arr, labels, np.stack(top_probs))
 
 
-def plot_logit_lens(lens: LogitLens, max_positions: int = 24):
+def plot_logit_lens(lens: LogitLens, max_positions: int = 24) -> Any:
     """A layer-by-position grid: each cell names the top-1 prediction, coloured by its probability;
     an orange box marks cells whose prediction is the token that really comes next."""
     plt = pyplot()

@@ -1,17 +1,18 @@
-"""Checkpoint directories: config.json + model.safetensors + tokenizer files (+ trainer state).
+"""chatforge checkpoint directories: config.json + model.safetensors + tokenizer files (+ trainer state).
 
-A checkpoint is written into a temporary sibling directory, every file fsynced, then
-renamed into place, so a kill at any moment leaves the previous checkpoint loadable.
-Nothing is ever unpickled: tensors are safetensors and everything else is JSON.
+Part of formats/, the layer that knows file layouts: below chatforge.loader (which decides device,
+dtype and quantization and calls these readers) and above the model, the tokenizer and utils. It
+reads and writes; it never quantizes or adapts a model (it imports neither chatforge.quantize nor
+chatforge.lora). A checkpoint is written into a temporary sibling directory, every file fsynced,
+then renamed into place (utils.atomic_directory), so a kill at any moment leaves the previous
+checkpoint loadable. Nothing is ever unpickled: tensors are safetensors and everything else is JSON.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -20,42 +21,16 @@ from safetensors.torch import load_file, save_file
 
 from chatforge.config import ModelConfig
 from chatforge.errors import CheckpointError, ConfigError
+from chatforge.formats.safetensors import SafetensorsFile
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.utils import fsync_dir
+from chatforge.utils import atomic_directory
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
 
 
 # --- writing ---------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a scratch directory that replaces `target` only once everything in it is on disk."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(target, old)  # from here until the next rename, readers fall back to .old
-        os.rename(tmp, target)
-        fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
 
 def resolve(directory: str | Path) -> Path:
     """The checkpoint directory to read: `directory`, or its saved predecessor mid-swap."""
@@ -98,6 +73,7 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Option
 # --- reading -----------------------------------------------------------------------------
 
 def is_checkpoint(directory: str | Path) -> bool:
+    """Whether `directory` (or its predecessor mid-swap) has a config.json."""
     return (resolve(directory) / CONFIG).is_file()
 
 
@@ -120,16 +96,34 @@ def read_config_json(directory: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(directory: str | Path) -> ModelConfig:
+def is_chatforge_config(data: Mapping[str, Any]) -> bool:
+    """Whether a config.json (as a dict) describes a chatforge model rather than a Hugging Face one."""
+    return data.get("model_type", "chatforge") == "chatforge"
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of a chatforge checkpoint directory, or a CheckpointError saying what is wrong."""
     directory = resolve(directory)
     path = directory / CONFIG
     data = read_config_json(directory)
-    if data.get("model_type", "chatforge") != "chatforge":
+    if not is_chatforge_config(data):
         raise CheckpointError(f"{directory} holds a {data.get('model_type')!r} model, not a chatforge checkpoint")
     try:
         return ModelConfig.from_dict(data)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid chatforge config: {e}") from None
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Reading the weights file `path`: missing, it is an incomplete checkpoint; any failure while it
+    is read (a truncated or corrupt file) becomes one CheckpointError that names it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no {path.name}; the checkpoint is incomplete")
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, KeyError, CheckpointError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e}); restore it or use another checkpoint") from None
 
 
 def read_weights(path: Path, device: str | torch.device = "cpu",
@@ -139,27 +133,39 @@ def read_weights(path: Path, device: str | torch.device = "cpu",
     Converting after a plain load would hold the stored copy and the converted one at once (3x the
     bf16 size for an fp32 file); reading slab by slab into the converted tensor keeps one copy.
     """
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent} has no {path.name}; the checkpoint is incomplete")
-    try:
+    with reading(path):
         if dtype is None:
             return load_file(str(path), device=str(device))
-        from chatforge.formats.safetensors import SafetensorsFile
-
         f = SafetensorsFile(path)
         return {name: f.read(name, dtype).to(device) for name in f.names()}
-    except (SafetensorError, OSError, ValueError, CheckpointError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({e}); restore it or use another checkpoint") from None
 
 
-def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
-                device: str | torch.device = "cpu", source: str = "checkpoint") -> Transformer:
-    """Construct the model without allocating random weights, then adopt `state`'s tensors."""
+def open_weights(directory: str | Path, config: ModelConfig) -> SafetensorsFile:
+    """The weights file of a checkpoint, opened (its header read, no tensor yet) and checked
+    against `config`: for reading tensor by tensor, a slab of rows at a time."""
+    directory = resolve(directory)
+    path = directory / WEIGHTS
+    with reading(path):
+        f = SafetensorsFile(path)
+    check_state_shapes(config, {name: f.shape(name) for name in f.names()}, str(directory))
+    return f
+
+
+def meta_model(config: ModelConfig) -> Transformer:
+    """The model of `config` on the meta device: its structure and shapes, no memory."""
     with torch.device("meta"):
-        model = Transformer(config)
-    expected = model_state(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - {"lm_head.weight"})
+        return Transformer(config)
+
+
+def check_state_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Refuse weights (name -> shape) that are not exactly what `config`'s model holds.
+
+    The one weights-versus-config check: full-precision loading (build_model) and quantized
+    loading (chatforge.loader) both pass through it. A tied head may be stored or not.
+    """
+    expected = {k: tuple(v.shape) for k, v in model_state(meta_model(config)).items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - {"lm_head.weight"})
     if missing or unexpected:
         parts = []
         if missing:
@@ -167,10 +173,17 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: Opti
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
         raise CheckpointError(f"{source} weights do not match its config ({'; '.join(parts)})")
-    for name, tensor in expected.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{source} weight {name} has shape {tuple(state[name].shape)} but the config "
-                                  f"needs {tuple(tensor.shape)}; the weights and config.json do not belong together")
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            raise CheckpointError(f"{source} weight {name} has shape {tuple(shapes[name])} but the config "
+                                  f"needs {shape}; the weights and config.json do not belong together")
+
+
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
+                device: str | torch.device = "cpu", source: str = "checkpoint") -> Transformer:
+    """Construct the model without allocating random weights, then adopt `state`'s tensors."""
+    check_state_shapes(config, {k: tuple(v.shape) for k, v in state.items()}, source)
+    model = meta_model(config)
     if config.tie_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     if dtype is not None:
@@ -181,15 +194,17 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: Opti
     return model.to(device).eval()
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu",
+def read_model(directory: str | Path, device: str | torch.device = "cpu",
                dtype: Optional[torch.dtype] = None) -> Transformer:
+    """The full-precision (or `dtype`) model of a chatforge checkpoint directory."""
     directory = resolve(directory)
-    config = load_config(directory)
+    config = read_config(directory)
     state = read_weights(directory / WEIGHTS, dtype=dtype)
     return build_model(config, state, dtype=dtype, device=device, source=str(directory))
 
 
-def load_tokenizer(directory: str | Path, model_config: Optional[ModelConfig] = None) -> Tokenizer:
+def read_tokenizer(directory: str | Path, model_config: Optional[ModelConfig] = None) -> Tokenizer:
+    """The tokenizer saved in a checkpoint directory; with `model_config`, checked to fit the model's vocabulary."""
     directory = resolve(directory)
     tok = Tokenizer.load(directory)
     if model_config is not None:
@@ -198,27 +213,33 @@ def load_tokenizer(directory: str | Path, model_config: Optional[ModelConfig] = 
 
 
 def check_tokenizer(tok: Tokenizer, config: ModelConfig, where: str) -> None:
+    """Refuse a tokenizer with more tokens than the model has embeddings."""
     if tok.vocab_size > config.vocab_size:
         raise CheckpointError(
             f"the tokenizer in {where} has {tok.vocab_size} tokens but the model only {config.vocab_size}: "
             "they do not belong together; use the tokenizer.json that was saved with this model")
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
-                    dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer of a chatforge checkpoint directory (quantize="int8": see chatforge.quantize)."""
-    if quantize:
-        from chatforge.quantize import load_quantized_checkpoint
-
-        model = load_quantized_checkpoint(directory, quantize, device=device, dtype=dtype)
-    else:
-        model = load_model(directory, device=device, dtype=dtype)
-    tok = load_tokenizer(directory, model.config)
+def read_saved_tokenizer(directory: str | Path, model_config: ModelConfig) -> Tokenizer:
+    """read_tokenizer, and refuse a tokenizer other than the one the weights were saved with
+    (save_checkpoint records its fingerprint in the safetensors metadata)."""
+    tok = read_tokenizer(directory, model_config)
     saved_with = _weights_metadata(resolve(directory) / WEIGHTS).get("tokenizer")
     if saved_with and saved_with != tok.fingerprint():
         raise CheckpointError(f"the tokenizer in {resolve(directory)} is not the one this model was saved with: they "
                               "do not belong together; use the tokenizer.json that was saved with this model")
-    return model, tok
+    return tok
+
+
+def read_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
+                    dtype: Optional[torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer of a chatforge checkpoint directory, as stored (or in `dtype`).
+
+    A reader of this one layout: `chatforge.loader.load` is what turns any name into a model
+    (and quantizes while reading); training code reads its own run directories with this.
+    """
+    model = read_model(directory, device=device, dtype=dtype)
+    return model, read_saved_tokenizer(directory, model.config)
 
 
 def _weights_metadata(path: Path) -> dict[str, str]:
@@ -226,10 +247,11 @@ def _weights_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), "pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError):
-        return {}  # load_model has already read these weights; nothing more to say
+        return {}  # the weights have been read already; nothing more to say
 
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any]:
+    """The trainer state (optimizer, step, RNGs, ...) saved with a checkpoint, for resuming."""
     directory = resolve(directory)
     meta_path, tensor_path = directory / STATE_JSON, directory / STATE_TENSORS
     if not meta_path.is_file():

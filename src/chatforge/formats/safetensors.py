@@ -1,4 +1,7 @@
-"""Reading Hugging Face weight files one tensor, and one slice of a tensor, at a time.
+"""Reading weight files (safetensors, legacy pytorch_model.bin) one tensor, and one slice of a
+tensor, at a time: chatforge checkpoints and Hugging Face directories alike. Part of formats/;
+it imports nothing of chatforge but its errors. `SafetensorsFile` is also what chatforge.loader
+hands chatforge.quantize to quantize a checkpoint while it is read (quantize.RowSource).
 
 Safetensors files are read with plain reads rather than a memory map: pages of a mapped
 file count as resident memory for as long as the map lives, so mapping a 5 GB file to

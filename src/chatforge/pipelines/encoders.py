@@ -19,8 +19,8 @@ from chatforge.errors import ChatforgeError
 from chatforge.loader import load
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.classify import encode_examples
-from chatforge.train.mlm import pad_batch, running_text
+from chatforge.data.tables import encode_examples
+from chatforge.data.text import pad_batch, running_text
 
 
 def check_fill_mask(model: Transformer, tokenizer: Tokenizer, name: str = "this model") -> None:

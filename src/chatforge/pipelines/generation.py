@@ -7,17 +7,21 @@
 transformers removed the "conversational" task in v4.42 (and it never took a plain
 string); here it takes a string, a list of messages or a Conversation and returns the
 conversation with the model's reply appended.
+
+The generation tasks live here; the encoder tasks (fill-mask, text-classification) are in
+encoders.py, imported only when one of them is asked for.
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
 from chatforge.chat.conversation import Conversation
-from chatforge.chat.session import ChatModel
+from chatforge.chat.session import CHAT_DEFAULTS, ChatModel
 from chatforge.engine import Engine, GenerationConfig
 from chatforge.errors import ChatforgeError
 from chatforge.loader import load
 
+TEXT_DEFAULTS = GenerationConfig(max_new_tokens=64, temperature=0.8)  # text-generation; chat: CHAT_DEFAULTS
 _GEN_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
                "stop_token_ids", "skip_special_tokens"}
 
@@ -37,7 +41,9 @@ def generation_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 class Pipeline:
-    def __init__(self, engine: Engine, task: str, defaults: GenerationConfig):
+    """A generation task on one engine, with the settings every call starts from."""
+
+    def __init__(self, engine: Engine, task: str, defaults: GenerationConfig) -> None:
         self.engine, self.task, self.defaults = engine, task, defaults
         self.model, self.tokenizer = engine.model, engine.tokenizer
 
@@ -48,7 +54,7 @@ class Pipeline:
 class ConversationalPipeline(Pipeline):
     """Chat: returns the conversation (or conversations) with the assistant's reply appended."""
 
-    def __init__(self, engine: Engine, task: str, defaults: GenerationConfig):
+    def __init__(self, engine: Engine, task: str, defaults: GenerationConfig) -> None:
         super().__init__(engine, task, defaults)
         self.chat = ChatModel(engine, defaults)
 
@@ -94,32 +100,32 @@ TASKS = {"conversational": ConversationalPipeline, "chat": ConversationalPipelin
 
 
 def pipeline(task: str = "conversational", model: Optional[str] = None, *, device: str = "auto",
-             dtype: Optional[str] = None, quantize: Optional[str] = None, **generate_kwargs: Any) -> Pipeline:
+             dtype: Optional[str] = None, quantize: Optional[str] = None, **generate_kwargs: Any) -> Any:
     """A ready-to-call pipeline for `task` with `model` (a checkpoint dir, HF id, or the demo model).
+
+    "conversational"/"chat" and "text-generation" run on the engine; "fill-mask" and
+    "text-classification" return the encoder pipelines of encoders.py.
 
     quantize="int8" or "int4" runs the generation tasks with weight-only quantized linear layers.
 
     Keyword arguments such as max_new_tokens=64 or temperature=0 become the defaults of every call.
     """
-    extra = _extra_tasks()
-    if task not in TASKS and task not in extra:
-        raise ChatforgeError(f"unknown task {task!r}; choose one of: {', '.join([*TASKS, *extra])}")
-    if task in extra:
-        if quantize:
-            raise ChatforgeError(f"quantize is for the generation tasks; {task!r} runs in full precision")
-        return extra[task](model, device=device, dtype=dtype, **generate_kwargs)
+    if task not in TASKS:
+        return _encoder_pipeline(task, model, device=device, dtype=dtype, quantize=quantize, **generate_kwargs)
     model_obj, tokenizer = load(model, device=device, dtype=dtype, quantize=quantize)
     engine = Engine(model_obj, tokenizer)
-    base = GenerationConfig(max_new_tokens=256, temperature=0.7, top_p=0.95) if TASKS[task] is ConversationalPipeline \
-        else GenerationConfig(max_new_tokens=64, temperature=0.8)
+    base = CHAT_DEFAULTS if TASKS[task] is ConversationalPipeline else TEXT_DEFAULTS
     defaults = base.replace(**generation_options(generate_kwargs))
     return TASKS[task](engine, task, defaults)
 
 
-def _extra_tasks() -> dict[str, Any]:
-    """Tasks that live in other modules (encoders: fill-mask, text-classification)."""
-    try:
-        from chatforge.pipelines.encoders import PIPELINES  # type: ignore[attr-defined]
-    except ImportError:
-        return {}
-    return PIPELINES
+def _encoder_pipeline(task: str, model: Optional[str], *, device: str, dtype: Optional[str],
+                      quantize: Optional[str], **options: Any) -> Any:
+    """fill-mask, text-classification: from encoders.py, imported only now (the generation tasks never need it)."""
+    from chatforge.pipelines.encoders import PIPELINES
+
+    if task not in PIPELINES:
+        raise ChatforgeError(f"unknown task {task!r}; choose one of: {', '.join([*TASKS, *PIPELINES])}")
+    if quantize:
+        raise ChatforgeError(f"quantize is for the generation tasks; {task!r} runs in full precision")
+    return PIPELINES[task](model, device=device, dtype=dtype, **options)

@@ -13,6 +13,8 @@
 
 A reply streams as `data: {"type": "start" | "delta" | "done" | "error", ...}` events and is saved
 when it ends; a reply the user stops (the page aborts the request) is saved as far as it got.
+A conversation's sampling settings are checked by GenerationConfig when they are saved (a 400 on
+`settings.<name>`), under the same API limits as the OpenAI endpoints.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ from pydantic import Field
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 
+from chatforge.chat.session import CHAT_DEFAULTS
 from chatforge.engine import GenerationConfig
 from chatforge.errors import ChatforgeError
 from chatforge.server.errors import APIError, error_body
-from chatforge.server.openai_api import SSE_HEADERS, StrictBody
+from chatforge.server.openai_api import SSE_HEADERS, StrictBody, sampling_config
 from chatforge.server.service import ClientGone, ModelService, Run, get_service, json_dumps, parse_body, watch_disconnect
 from chatforge.server.store import Store
 
@@ -35,13 +38,13 @@ router = APIRouter(prefix="/api")
 
 
 class Settings(StrictBody):
-    """Sampling settings a conversation keeps (None = the server's chat default)."""
+    """Sampling settings a conversation keeps (None = the server's chat default); values: see reply_config."""
 
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None  # 0 = off
+    max_tokens: Optional[int] = None
+    repetition_penalty: Optional[float] = None
     seed: Optional[int] = None
 
 
@@ -60,11 +63,13 @@ def _store(request: HTTPRequest) -> Store:
 
 
 def _settings(body: ConversationBody, service: Optional[ModelService]) -> Optional[dict[str, Any]]:
+    """The settings to store, refused (400) unless a reply could use them; the model may still be loading."""
     if body.settings is None:
         return None
     settings = body.settings.model_dump(exclude_none=True)
     if service is not None and "max_tokens" in settings:
         service.check_max_tokens(settings["max_tokens"], "settings.max_tokens")
+    reply_config(settings, service.chat.defaults if service is not None else CHAT_DEFAULTS)
     return settings
 
 
@@ -137,13 +142,19 @@ def truncate(request: HTTPRequest, cid: str, mid: int) -> dict[str, Any]:
     return _store(request).truncate(cid, mid)
 
 
-def reply_config(settings: dict[str, Any], service: ModelService) -> GenerationConfig:
-    """The conversation's settings over the server's chat defaults."""
+def reply_config(settings: dict[str, Any], base: GenerationConfig,
+                 max_tokens_cap: Optional[int] = None) -> GenerationConfig:
+    """A conversation's settings over `base` (the chat defaults), max_tokens clipped to the server's cap.
+
+    A value GenerationConfig refuses is a 400 on `settings.<name>`.
+    """
     values = dict(settings)
     if "max_tokens" in values:
-        values["max_new_tokens"] = min(values.pop("max_tokens"), service.max_tokens_cap)
-    values["top_k"] = values.get("top_k") or None
-    return service.chat.config(**values)
+        values["max_new_tokens"] = values.pop("max_tokens")
+        if max_tokens_cap is not None:
+            values["max_new_tokens"] = min(values["max_new_tokens"], max_tokens_cap)
+    values["top_k"] = values.get("top_k") or None  # 0 = off: the default's
+    return sampling_config(base, values, prefix="settings.", names={"max_new_tokens": "max_tokens"})
 
 
 @router.post("/conversations/{cid}/reply")
@@ -155,7 +166,7 @@ async def reply(request: HTTPRequest, cid: str) -> StreamingResponse:
         raise APIError(400, "the conversation has no user message waiting for a reply", param="messages")
     if conv["system"]:
         history.insert(0, {"role": "system", "content": conv["system"]})
-    config = reply_config(conv["settings"], service)
+    config = service.chat.config(reply_config(conv["settings"], service.chat.defaults, service.max_tokens_cap))
     prompt_ids, dropped = service.chat.prompt(history, config)
     run = Run(service.scheduler, service.requests(prompt_ids, config))
     [job] = run.jobs

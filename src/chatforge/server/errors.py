@@ -12,7 +12,7 @@ from typing import Any, Optional
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from chatforge.engine import PromptTooLongError
+from chatforge.engine import GenerationConfigError, PromptTooLongError
 from chatforge.errors import ChatforgeError
 from chatforge.server.scheduler import QueueFullError
 
@@ -23,14 +23,14 @@ class APIError(ChatforgeError):
     """A user error with its HTTP status and OpenAI error fields."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
 
 
 class NotFoundError(APIError):
-    def __init__(self, message: str, *, param: Optional[str] = None, code: str = "not_found"):
+    def __init__(self, message: str, *, param: Optional[str] = None, code: str = "not_found") -> None:
         super().__init__(404, message, param=param, code=code)
 
 
@@ -47,6 +47,8 @@ def as_api_error(exc: BaseException) -> APIError:
         return APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, PromptTooLongError):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, GenerationConfigError):  # endpoints name the field as their request does; this is the fallback
+        return APIError(400, str(exc), param=exc.field)
     if isinstance(exc, ChatforgeError):
         return APIError(400, str(exc))
     return APIError(500, "internal server error: this is a bug in chatforge, please report it (the server log "

@@ -1,10 +1,13 @@
 """OpenAI's API: /v1/chat/completions, /v1/completions and /v1/models, streamed or not.
 
-Requests are checked field by field (a 400 names the field), turned into GenerationConfigs and
-handed to the scheduler; replies come back as OpenAI's objects, or as server-sent events of
-`chat.completion.chunk` / `text_completion` ending with `data: [DONE]`. When a conversation is
-too long for the context, the oldest turns are dropped and the response says how many
-(`X-Chatforge-Dropped-Messages` header, `dropped_messages` field): never silently.
+pydantic checks a body's JSON shape and types; the values are checked where they are used:
+GenerationConfig checks the sampling settings and the engine's check_prompt the prompts, and their
+errors become a 400 naming the request's field (`param`). What is checked here are this API's own
+limits: n, at most 4 stop strings, max_tokens within the server's cap, temperature at most 2.
+Replies come back as OpenAI's objects, or as server-sent events of `chat.completion.chunk` /
+`text_completion` ending with `data: [DONE]`. When a conversation is too long for the context, the
+oldest turns are dropped and the response says how many (`X-Chatforge-Dropped-Messages` header,
+`dropped_messages` field): never silently.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 
-from chatforge.engine import GenerationConfig
+from chatforge.engine import GenerationConfig, GenerationConfigError, PromptTooLongError, Request, start_ids
+from chatforge.errors import ChatforgeError
 from chatforge.server.errors import APIError, sse_error
 from chatforge.server.service import ClientGone, ModelService, Run, get_service, json_dumps, parse_body, watch_disconnect
 
@@ -25,6 +29,12 @@ router = APIRouter()
 
 DROPPED_HEADER = "X-Chatforge-Dropped-Messages"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# OpenAI's API takes temperature in [0, 2]; GenerationConfig follows Hugging Face, which sets no upper
+# bound. The server keeps OpenAI's contract for its clients (the web page's settings too), so this one
+# value rule is a declared limit of the API, not of the engine: the CLI and Python API still take more.
+API_MAX_TEMPERATURE = 2.0
+API_MAX_STOPS = 4  # OpenAI's limit on stop sequences
 
 
 # --- request bodies ------------------------------------------------------------------------------------
@@ -104,37 +114,42 @@ def _unsupported(body: SamplingFields) -> None:
             raise APIError(400, f"{param} is not supported by chatforge{hint}", param=param, code="unsupported")
 
 
-def _stops(stop: Union[str, list[str], None]) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
-        raise APIError(400, "stop must be up to 4 non-empty strings", param="stop")
-    return stops
+def sampling_config(base: GenerationConfig, values: dict[str, Any], *, prefix: str = "",
+                    names: Optional[dict[str, str]] = None) -> GenerationConfig:
+    """`base` with the request's sampling values (None = keep base's), checked by GenerationConfig.
+
+    A value it refuses, or a temperature over API_MAX_TEMPERATURE, is a 400 whose param is the
+    request's name for the field: prefix + (names.get(field) or field), e.g. max_new_tokens -> max_tokens.
+    """
+    def param(field: str) -> str:
+        return prefix + (names or {}).get(field, field)
+
+    try:
+        config = base.replace(**{k: v for k, v in values.items() if v is not None})
+    except GenerationConfigError as e:
+        raise APIError(400, e.message(param(e.field)), param=param(e.field)) from None
+    if config.temperature > API_MAX_TEMPERATURE:
+        raise APIError(400, f"{param('temperature')} must be between 0 and {API_MAX_TEMPERATURE:g} (OpenAI's "
+                            f"range), got {config.temperature!r}", param=param("temperature"))
+    return config
 
 
 def generation_config(body: SamplingFields, service: ModelService, max_tokens: Optional[int],
-                      default_max_tokens: int) -> GenerationConfig:
-    """The engine's settings for a request; each out-of-range field is a 400 that names it."""
+                      default_max_tokens: int, max_tokens_param: str = "max_tokens") -> GenerationConfig:
+    """The engine's settings for a request over the model's chat defaults; a bad field is a 400 that names it."""
     limits = service.config
     if not 1 <= body.n <= limits.max_n:
         raise APIError(400, f"n must be between 1 and {limits.max_n}", param="n")
-    if body.temperature is not None and not 0 <= body.temperature <= 2:
-        raise APIError(400, "temperature must be between 0 and 2", param="temperature")
-    if body.top_p is not None and not 0 < body.top_p <= 1:
-        raise APIError(400, "top_p must be in (0, 1]", param="top_p")
-    if body.top_k is not None and body.top_k < 0:
-        raise APIError(400, "top_k must be >= 0 (0 = off)", param="top_k")
-    if body.repetition_penalty is not None and body.repetition_penalty <= 0:
-        raise APIError(400, "repetition_penalty must be > 0 (1 = off)", param="repetition_penalty")
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
-    service.check_max_tokens(max_tokens)
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > API_MAX_STOPS:
+        raise APIError(400, f"stop must be up to {API_MAX_STOPS} strings", param="stop")
+    service.check_max_tokens(max_tokens, max_tokens_param)
     values = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-              "repetition_penalty": body.repetition_penalty, "seed": body.seed}
-    cfg = service.chat.defaults.replace(  # unset fields: the model's chat defaults (temperature 0.7, top_p 0.95)
-        max_new_tokens=max_tokens or min(default_max_tokens, service.max_tokens_cap), stop=_stops(body.stop),
-        **{k: v for k, v in values.items() if v is not None})
-    if body.ignore_eos:
-        cfg = cfg.replace(stop_token_ids=[])
+              "repetition_penalty": body.repetition_penalty, "seed": body.seed, "stop": stops,
+              "max_new_tokens": max_tokens if max_tokens is not None
+              else min(default_max_tokens, service.max_tokens_cap),
+              "stop_token_ids": [] if body.ignore_eos else None}
+    cfg = sampling_config(service.chat.defaults, values, names={"max_new_tokens": max_tokens_param})
     return service.chat.config(cfg)  # adds the fallback template's turn-boundary stops
 
 
@@ -175,10 +190,10 @@ def _usage(prompt_tokens: int, run: Run) -> dict[str, int]:
 
 # --- one shape for both endpoints: collect, or stream ----------------------------------------------------
 
-class Reply:
+class ResponseShape:
     """How one endpoint writes its objects; chat and text completions differ only here."""
 
-    def __init__(self, kind: str, model: str, prompt_tokens: int, dropped: int, prefix: str = ""):
+    def __init__(self, kind: str, model: str, prompt_tokens: int, dropped: int, prefix: str = "") -> None:
         self.kind, self.model, self.prompt_tokens, self.dropped = kind, model, prompt_tokens, dropped
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -215,7 +230,7 @@ def _finish_reason(outcome: Optional[str]) -> str:
     return "length" if outcome == "length" else "stop"
 
 
-async def collect(request: HTTPRequest, run: Run, reply: Reply) -> JSONResponse:
+async def collect(request: HTTPRequest, run: Run, shape: ResponseShape) -> JSONResponse:
     """Wait for every choice (cancelling them if the client leaves) and answer one completion object."""
     texts = [[] for _ in run.jobs]
     disconnect = watch_disconnect(request)
@@ -231,20 +246,20 @@ async def collect(request: HTTPRequest, run: Run, reply: Reply) -> JSONResponse:
     failure = run.failure()
     if failure:
         raise RuntimeError(failure)
-    body = reply.head(reply.object)
-    body["choices"] = [reply.choice(i, "".join(t), _finish_reason(j.outcome))
+    body = shape.head(shape.object)
+    body["choices"] = [shape.choice(i, "".join(t), _finish_reason(j.outcome))
                        for i, (t, j) in enumerate(zip(texts, run.jobs))]
-    body["usage"] = _usage(reply.prompt_tokens, run)
-    body["dropped_messages"] = reply.dropped
-    return JSONResponse(body, headers={DROPPED_HEADER: str(reply.dropped)})
+    body["usage"] = _usage(shape.prompt_tokens, run)
+    body["dropped_messages"] = shape.dropped
+    return JSONResponse(body, headers={DROPPED_HEADER: str(shape.dropped)})
 
 
-def stream(request: HTTPRequest, run: Run, reply: Reply, include_usage: bool) -> StreamingResponse:
+def stream(request: HTTPRequest, run: Run, shape: ResponseShape, include_usage: bool) -> StreamingResponse:
     """Server-sent events: a first chunk per choice (with the role), text chunks, a finish chunk per choice,
     the usage chunk when asked for, then `data: [DONE]`. A client that disconnects cancels the run."""
 
     def event(choices: list[dict], **extra: Any) -> str:
-        body = reply.head(reply.chunk_object)
+        body = shape.head(shape.chunk_object)
         body["choices"] = choices
         if include_usage:
             body["usage"] = None
@@ -254,23 +269,23 @@ def stream(request: HTTPRequest, run: Run, reply: Reply, include_usage: bool) ->
     async def events() -> AsyncIterator[str]:
         disconnect = watch_disconnect(request)
         try:
-            first = [reply.chunk_choice(i, None if reply.kind == "chat" else "", None, first=True)
+            first = [shape.chunk_choice(i, None if shape.kind == "chat" else "", None, first=True)
                      for i in range(len(run.jobs))]
-            yield event(first, dropped_messages=reply.dropped)
+            yield event(first, dropped_messages=shape.dropped)
             async for burst in run.bursts(disconnect):  # one write per burst of ready events
                 out = []
                 for index, kind, text in burst:
                     if kind == "text":
-                        out.append(event([reply.chunk_choice(index, text, None)]))
+                        out.append(event([shape.chunk_choice(index, text, None)]))
                     elif run.jobs[index].outcome != "error":
-                        out.append(event([reply.chunk_choice(index, None, _finish_reason(run.jobs[index].outcome))]))
+                        out.append(event([shape.chunk_choice(index, None, _finish_reason(run.jobs[index].outcome))]))
                 yield "".join(out)
             failure = run.failure()
             if failure:
                 yield sse_error(RuntimeError(failure))
             elif include_usage:
-                usage = reply.head(reply.chunk_object)
-                usage.update(choices=[], usage=_usage(reply.prompt_tokens, run))
+                usage = shape.head(shape.chunk_object)
+                usage.update(choices=[], usage=_usage(shape.prompt_tokens, run))
                 yield f"data: {json_dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         except ClientGone:
@@ -280,17 +295,16 @@ def stream(request: HTTPRequest, run: Run, reply: Reply, include_usage: bool) ->
             run.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={**SSE_HEADERS, DROPPED_HEADER: str(reply.dropped)})
+                             headers={**SSE_HEADERS, DROPPED_HEADER: str(shape.dropped)})
 
 
-async def respond(request: HTTPRequest, body: SamplingFields, service: ModelService, prompts: list[list[int]],
-                  config: GenerationConfig, reply: Reply) -> Any:
-    requests = [r for ids in prompts for r in service.requests(ids, config, body.n)]
+async def respond(request: HTTPRequest, body: SamplingFields, service: ModelService, requests: list[Request],
+                  shape: ResponseShape) -> Any:
     run = Run(service.scheduler, requests)  # QueueFullError (429) before any byte is sent
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return stream(request, run, reply, include_usage)
-    return await collect(request, run, reply)
+        return stream(request, run, shape, include_usage)
+    return await collect(request, run, shape)
 
 
 # --- endpoints -----------------------------------------------------------------------------------------------
@@ -309,13 +323,15 @@ async def _accept(request: HTTPRequest, model: type[SamplingFields]) -> tuple[An
 async def chat_completions(request: HTTPRequest) -> Any:
     body, service = await _accept(request, ChatCompletionRequest)
     messages = chat_messages(body.messages, service)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if body.max_completion_tokens is not None:
-        service.check_max_tokens(body.max_completion_tokens, "max_completion_tokens")
-    config = generation_config(body, service, max_tokens, service.config.default_max_tokens)
+    if body.max_completion_tokens is not None:  # OpenAI's newer name wins
+        max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        max_tokens, param = body.max_tokens, "max_tokens"
+    config = generation_config(body, service, max_tokens, service.config.default_max_tokens, param)
     prompt_ids, dropped = service.chat.prompt(messages, config)
-    reply = Reply("chat", service.name, len(prompt_ids), dropped)
-    return await respond(request, body, service, [prompt_ids], config, reply)
+    requests = service.requests(prompt_ids, config, body.n)  # a prompt too long for the context: a 400 on messages
+    shape = ResponseShape("chat", service.name, len(prompt_ids), dropped)
+    return await respond(request, body, service, requests, shape)
 
 
 @router.post("/v1/completions")
@@ -325,13 +341,18 @@ async def completions(request: HTTPRequest) -> Any:
     if body.echo and len(prompts) > 1:
         raise APIError(400, "echo is supported for one prompt at a time", param="echo")
     config = generation_config(body, service, body.max_tokens, 16)  # OpenAI's default for completions
+    try:  # the engine checks each prompt against the model's vocabulary and context
+        requests = [r for ids in prompts for r in service.requests(ids, config, body.n)]
+    except ChatforgeError as e:
+        raise _prompt_error(e) from None
     prefix = service.tokenizer.decode(prompts[0]) if body.echo else ""
-    reply = Reply("text", service.name, sum(len(p) for p in prompts), 0, prefix)
-    return await respond(request, body, service, prompts, config, reply)
+    shape = ResponseShape("text", service.name, sum(len(p) for p in prompts), 0, prefix)
+    return await respond(request, body, service, requests, shape)
 
 
 def _prompt_ids(prompt: Any, service: ModelService) -> list[list[int]]:
-    """A completions prompt (text, texts, token ids or lists of them) as lists of token ids."""
+    """A completions prompt (text, texts, token ids or lists of them) as lists of token ids; an empty
+    prompt starts a fresh document (start_ids). The ids themselves are checked by the engine."""
     tok, limit = service.tokenizer, service.config.max_message_chars
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
         texts = [prompt] if isinstance(prompt, str) else prompt
@@ -345,19 +366,16 @@ def _prompt_ids(prompt: Any, service: ModelService) -> list[list[int]]:
         prompts = [list(p) for p in prompt]
     if not prompts or len(prompts) > service.config.max_n:
         raise APIError(400, f"give between 1 and {service.config.max_n} prompts", param="prompt")
-    start = tok.bos_id if tok.bos_id is not None else tok.eos_id
-    vocab = service.engine.model.config.vocab_size
-    out = []
-    for ids in prompts:
-        if not ids and start is not None:  # an empty prompt starts a fresh document
-            ids = [start]
-        if any(not 0 <= i < vocab for i in ids):
-            raise APIError(400, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
-        if len(ids) >= service.context:
-            raise APIError(400, f"the prompt is {len(ids)} tokens but the model's context is {service.context}; "
-                                "shorten it", param="prompt", code="context_length_exceeded")
-        out.append(ids)
-    return out
+    try:
+        return [ids or start_ids(tok) for ids in prompts]
+    except ChatforgeError as e:
+        raise _prompt_error(e) from None
+
+
+def _prompt_error(e: ChatforgeError) -> APIError:
+    """The engine's refusal of a completions prompt as a 400 on `prompt`."""
+    code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
+    return APIError(400, str(e), param="prompt", code=code)
 
 
 def model_card(service: ModelService) -> dict[str, Any]:

@@ -36,7 +36,7 @@ class QueueFullError(ChatforgeError):
 class Job:
     """One request's way through the scheduler. `outcome` is its finish reason, "cancelled" or "error"."""
 
-    def __init__(self, request: Request, on_event: EventCallback):
+    def __init__(self, request: Request, on_event: EventCallback) -> None:
         self.request = request
         self.on_event = on_event
         self.submitted = time.perf_counter()
@@ -61,7 +61,7 @@ class Scheduler:
     """Continuous batching over one Engine, on a thread of its own."""
 
     def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64,
-                 metrics: Optional[Metrics] = None):
+                 metrics: Optional[Metrics] = None) -> None:
         self.engine = engine
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or Metrics()
@@ -194,7 +194,7 @@ class Scheduler:
             return
         for request in state.requests:  # cancelled rows finish (and leave the batch) at this step
             if self._active[id(request)].cancelled:
-                request.max_new = request.completion_tokens + 1
+                request.cancel()
         self.metrics.batch_size.observe(len(state.requests))
         self._dispatch(state.step())
 
@@ -261,21 +261,14 @@ class Scheduler:
 
 
 def trim_cache(cache: KVCache, slack: int = 64) -> None:
-    """Drop the cache slots no row can attend to any more.
+    """Drop the cache slots no row can attend to any more, once there are at least `slack` of them.
 
     Rows join a running batch right-aligned, so a batch that never empties would keep growing
     its cache (and the attention work of every step) with slots that only old, finished rows
-    used. Once at least `slack` leading slots are padding for every row, cut them off.
+    used. Trimming copies the cache, so it waits until enough leading slots are dead.
     """
     if cache.length <= slack:
         return
-    used = cache.valid[:, :cache.length].any(0)
-    first = int(used.int().argmax()) if bool(used.any()) else cache.length
-    if first < slack:
-        return
-    cache.k = cache.k[:, :, :, first:].clone()
-    cache.v = cache.v[:, :, :, first:].clone()
-    cache.pos = cache.pos[:, first:].clone()
-    cache.valid = cache.valid[:, first:].clone()
-    cache.length -= first
-    cache.max_len -= first
+    first = cache.dead_prefix()
+    if first >= slack:
+        cache.trim(first)

@@ -110,9 +110,9 @@ def hub_config(repo_id: str) -> dict[str, Any]:
     """config.json of a Hugging Face Hub model: from the local cache, else downloaded alone (no weights)."""
     from huggingface_hub import hf_hub_download
 
-    from chatforge.formats.hf.read import _offline, hub_cache_dir
+    from chatforge.formats.hf.hub import hub_cache_dir, offline
 
-    for local_only in (True,) if _offline() else (True, False):
+    for local_only in (True,) if offline() else (True, False):
         try:
             return _read_json(Path(hf_hub_download(repo_id, "config.json", cache_dir=hub_cache_dir(),
                                                    local_files_only=local_only)))

@@ -8,8 +8,10 @@
 
 The base model keeps every weight; only its sequence-level head is new: a linear layer
 over [CLS] for encoders (after BERT's pooler when the base has one), over the last real
-token or the mean of all tokens for decoders. Data is CSV, TSV or JSONL; without a
-validation (or test) file a stratified, seeded split of the data is held out. The Trainer
+token or the mean of all tokens for decoders. Data is CSV, TSV or JSONL, read and encoded by
+data/tables.py; without a validation (or test) file a stratified, seeded split of the data is
+held out. What is particular to classification is here (the head, the Classification
+objective, its metrics, the report); the run around it is the training frame's. The Trainer
 evaluates the whole validation set, keeps the best checkpoint by the chosen metric, stops
 after `patience` evaluations without improvement and ends with the best weights, which
 are then scored on the test split. Label names are saved in config.json ("labels").
@@ -17,12 +19,8 @@ With lora_rank > 0 only LoRA adapters (chatforge.lora) and the head train.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
-import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -31,186 +29,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chatforge.formats.checkpoint import is_checkpoint, model_state, save_checkpoint
 from chatforge.config import POOLINGS, TrainConfig
+from chatforge.data.tables import Examples, encode_examples, label_names, load_examples, stratified_split
+from chatforge.data.text import pad_batch
 from chatforge.errors import ConfigError, DataError
+from chatforge.formats.checkpoint import model_state, save_checkpoint
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.utils import atomic_write_text
-from chatforge.train.mlm import pad_batch, pair_layout, running_text, truncate_pair
-from chatforge.train.distributed import setup_distributed
-from chatforge.train.objectives import Objective
+from chatforge.train.distributed import Dist
+from chatforge.train.frame import run_training
+from chatforge.train.objectives import FullValidation, run_objective
 from chatforge.train.trainer import Trainer
+from chatforge.utils import atomic_write_text
 
 METRICS = ("accuracy", "macro_f1")
-TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None, ".json": None, ".ndjson": None}
-
-
-# --- reading labelled tables -------------------------------------------------------------------
-
-def read_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """(column names, rows) of a CSV, TSV (no quoting: a tab ends every field) or JSON-lines file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: unknown table format {suffix or '(no suffix)'}; use .csv, .tsv or .jsonl")
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
-    if not text.strip():
-        raise DataError(f"{path} is empty; it needs a header line (or JSON objects) and one row per example")
-    if TABLE_SUFFIXES[suffix] is None:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n} is not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path} line {n} is not a JSON object")
-                rows.append(row)
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-    else:
-        quoting = csv.QUOTE_NONE if TABLE_SUFFIXES[suffix] == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(text.splitlines(), delimiter=TABLE_SUFFIXES[suffix], quoting=quoting)
-        columns = [c.strip() for c in next(reader)]
-        rows = [dict(zip(columns, values)) for values in reader if any(v.strip() for v in values)]
-    if not rows:
-        raise DataError(f"{path} has a header but no rows")
-    return columns, rows
-
-
-@dataclass
-class Examples:
-    """Texts (and optional second texts) with their label names, in file order."""
-
-    texts: list[str]
-    labels: list[str]
-    pairs: Optional[list[str]] = None
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, index: Sequence[int]) -> "Examples":
-        pick = lambda xs: [xs[i] for i in index]  # noqa: E731
-        return Examples(pick(self.texts), pick(self.labels), pick(self.pairs) if self.pairs is not None else None)
-
-
-def load_examples(path: str | Path, text_column: str, label_column: str,
-                  text_pair_column: Optional[str] = None) -> Examples:
-    """The examples of one file; rows with an empty text or label are skipped with a warning."""
-    _, kept = read_rows(path, text_column, label_column, text_pair_column)
-    return Examples([_cell(r[text_column]) for r in kept], [_cell(r[label_column]) for r in kept],
-                    [_cell(r[text_pair_column]) for r in kept] if text_pair_column else None)
-
-
-def read_rows(path: str | Path, text_column: str, label_column: str,
-              text_pair_column: Optional[str] = None) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows) of a table that has the named columns, without rows where one of them is empty."""
-    columns, rows = read_table(path)
-    for flag, column in (("text", text_column), ("label", label_column), ("text pair", text_pair_column)):
-        if column is not None and column not in columns:
-            raise DataError(f"{path} has no {flag} column {column!r}; its columns are: {', '.join(columns)}")
-    wanted = [c for c in (text_column, text_pair_column, label_column) if c is not None]
-    kept = [r for r in rows if all(_cell(r.get(c)) for c in wanted)]
-    if len(kept) < len(rows):
-        warnings.warn(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} rows with an empty "
-                      f"{' or '.join(repr(c) for c in wanted)} value", stacklevel=3)
-    if not kept:
-        raise DataError(f"{path} has no row with a non-empty {' and '.join(repr(c) for c in wanted)}")
-    return columns, kept
-
-
-def _cell(value: Any) -> str:
-    return "" if value is None else str(value).strip()
-
-
-def label_names(labels: Sequence[str], where: str, column: str) -> list[str]:
-    """The sorted distinct labels (numerically when all are integers); at least two are needed."""
-    names = sorted(set(labels), key=lambda x: (0, int(x), x) if x.lstrip("-").isdigit() else (1, 0, x))
-    if len(names) < 2:
-        raise DataError(f"{where} has a single class in column {column!r} ({names[0]!r}); a classifier "
-                        "needs examples of at least two")
-    return names
-
-
-def stratified_split(labels: Sequence[str], fractions: Sequence[float], seed: int) -> list[list[int]]:
-    """Indices of len(fractions)+1 parts: each class is shuffled (seeded) and cut by the fractions,
-    the rest going to the first part, so every part has about the data's class proportions."""
-    if any(f < 0 for f in fractions) or sum(fractions) >= 1:
-        raise ConfigError(f"split fractions must be >= 0 and leave some data for training, got {list(fractions)}")
-    rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
-    by_class: dict[str, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
-    for name in sorted(by_class):
-        index = rng.permutation(by_class[name]).tolist()
-        start = 0
-        for k, fraction in enumerate(fractions, 1):
-            n = round(len(index) * fraction)
-            parts[k].extend(index[start:start + n])
-            start += n
-        parts[0].extend(index[start:])
-    return [sorted(p) for p in parts]
-
-
-def split_table(path: str | Path, out_dir: str | Path, *, text_column: str, label_column: str,
-                text_pair_column: Optional[str] = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                seed: int = 1337) -> dict[str, Path]:
-    """Write the stratified train/val/test split that finetune_classifier makes of `path` (same fractions
-    and seed) as out_dir/{train,val,test}.<suffix>: e.g. to pre-train on the training texts alone."""
-    path, out_dir = Path(path), Path(out_dir)
-    columns, rows = read_rows(path, text_column, label_column, text_pair_column)
-    parts = stratified_split([_cell(r[label_column]) for r in rows], [val_fraction, test_fraction], seed)
-    delimiter = TABLE_SUFFIXES[path.suffix.lower()]
-    written = {}
-    for split, index in zip(("train", "val", "test"), parts):
-        picked = [rows[i] for i in index]
-        if delimiter is None:
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in picked)
-        elif delimiter == "\t":  # TSV has no quoting: tabs and newlines inside a field become spaces
-            text = "".join("\t".join(" ".join(str(r.get(c, "")).split()) for c in columns) + "\n"
-                           for r in [dict(zip(columns, columns)), *picked])
-        else:
-            buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerows([columns, *([r.get(c, "") for c in columns] for r in picked)])
-            text = buf.getvalue()
-        written[split] = out_dir / f"{split}{path.suffix.lower()}"
-        atomic_write_text(written[split], text)
-    return written
-
-
-# --- encoding --------------------------------------------------------------------------------------
-
-def encode_examples(tokenizer: Tokenizer, config, texts: Sequence[str], pairs: Optional[Sequence[str]],
-                    max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(ids, segment ids) per example: `[CLS] a [SEP] (b [SEP])` for encoders, `a ([SEP] b) [EOS]` for
-    decoders, the longer text trimmed first until the whole fits in max_length."""
-    prep = (lambda t: t) if config.causal else running_text
-    a_ids = tokenizer.encode_batch([prep(t) for t in texts])
-    b_ids = tokenizer.encode_batch([prep(t) for t in pairs]) if pairs is not None else [None] * len(a_ids)
-    out = []
-    if not config.causal:
-        cls, sep = tokenizer.token_id("cls"), tokenizer.token_id("sep")
-        if cls is None or sep is None:
-            raise ConfigError("the tokenizer has no [CLS]/[SEP] tokens, which an encoder's input needs")
-        for a, b in zip(a_ids, b_ids):
-            budget = max_length - (3 if b is not None else 2)
-            a, b = truncate_pair(a, b, budget) if b is not None else (a[:budget], None)
-            out.append(pair_layout(a, b, cls, sep))
-        return out
-    sep = tokenizer.token_id("sep") if tokenizer.token_id("sep") is not None else tokenizer.eos_id
-    end = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    for a, b in zip(a_ids, b_ids):
-        if b is not None and sep is not None:
-            a, b = truncate_pair(a, b, max_length - 1 - len(end))
-            ids = a + [sep] + b + end
-        else:
-            ids = a[:max_length - len(end)] + end
-        out.append((ids, [0] * len(ids)))
-    return out
+Encoded = tuple[list[tuple[list[int], list[int]]], list[int]]  # (ids, segment ids) per example, and label ids
 
 
 # --- metrics ------------------------------------------------------------------------------------------
@@ -247,22 +80,18 @@ def classification_metrics(cm: np.ndarray, labels: Optional[Sequence[str]] = Non
 
 # --- the objective --------------------------------------------------------------------------------------
 
-class Classification(Objective):
+class Classification(FullValidation):
     """Cross-entropy of the sequence-level head; validation is one pass over the whole split,
     summed into a confusion matrix so accuracy and macro-F1 are exact."""
 
-    def __init__(self, splits: dict[str, tuple[list[tuple[list[int], list[int]]], list[int]]],
-                 num_labels: int, pad_id: int):
+    def __init__(self, splits: dict[str, Encoded], num_labels: int, pad_id: int):
         self.splits, self.num_labels, self.pad = splits, num_labels, pad_id
 
     def sample(self, split: str, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(len(self.splits[split][1]), (n,), generator=generator)
 
-    def eval_batches(self, batch_size: int) -> int:
-        return max(1, math.ceil(len(self.splits["val"][1]) / batch_size))
-
-    def eval_items(self, index: int, n: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.arange(index * n, min((index + 1) * n, len(self.splits["val"][1])))
+    def val_size(self) -> int:
+        return len(self.splits["val"][1])
 
     def collate(self, split: str, items: torch.Tensor) -> dict[str, torch.Tensor]:
         encoded, labels = self.splits[split]
@@ -304,8 +133,6 @@ def score(model: Transformer, encoded: list[tuple[list[int], list[int]]], labels
           label_names: Sequence[str], pad_id: int, batch_size: int = 32,
           device: str | torch.device = "cpu") -> dict[str, Any]:
     """Loss, accuracy, macro-F1, per-class figures and confusion matrix of `model` on encoded examples."""
-    from chatforge.train.evaluate import run_objective
-
     objective = Classification({"val": (encoded, list(labels))}, len(label_names), pad_id)
     sums = run_objective(model, objective, objective.eval_batches(batch_size), batch_size, device)
     return {"loss": sums["val_loss"], **classification_metrics(objective.confusion(sums), label_names)}
@@ -346,7 +173,7 @@ def finetune_classifier(data: str | Path, base_model: str, train_config: TrainCo
                         metric: str = "accuracy", dropout: Optional[float] = 0.1,
                         max_length: Optional[int] = None, random_init: bool = False, lora_rank: int = 0,
                         lora_alpha: float = 16, lora_dropout: float = 0.0,
-                        lora_targets: Sequence[str] = ("qkv", "proj")) -> dict:
+                        lora_targets: Sequence[str] = ("qkv", "proj")) -> dict[str, Any]:
     """Fine-tune `base_model` (a checkpoint directory or model name) as a classifier; returns the metrics.
 
     val_data / test_data: separate files; without them a stratified seeded split of `data` (by
@@ -364,18 +191,48 @@ def finetune_classifier(data: str | Path, base_model: str, train_config: TrainCo
     """
     if metric not in METRICS:
         raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if is_checkpoint(Path(train_config.out_dir) / "last"):
-        raise ConfigError(f"{train_config.out_dir} already holds a training run; choose another --out-dir")
-    lora = None
-    if lora_rank:
-        from chatforge.lora import LoRAConfig, apply_lora, merge_lora
+    config = dataclasses.replace(train_config, metric=metric, metric_mode="max", restore_best=True)
+    run: Optional[_Prepared] = None
 
-        lora = LoRAConfig(lora_rank, float(lora_alpha), lora_dropout, list(lora_targets))
-    columns = dict(text_column=text_column, label_column=label_column, text_pair_column=text_pair_column)
+    def start(out: Path, dist: Dist) -> tuple[Transformer, Tokenizer]:
+        nonlocal run
+        lora = None
+        if lora_rank:
+            from chatforge.lora import LoRAConfig
+
+            lora = LoRAConfig(lora_rank, float(lora_alpha), lora_dropout, list(lora_targets))
+        columns = dict(text_column=text_column, label_column=label_column, text_pair_column=text_pair_column)
+        parts, names = _split(data, val_data, test_data, val_fraction, test_fraction, train_config.seed, columns)
+        run = _prepare(parts, names, base_model, max_length, train_config.seed, lora=lora, pooling=pooling,
+                       dropout=dropout, random_init=random_init)
+        return run.model, run.tok
+
+    return run_training(
+        config, title=f"classify ({metric}{', LoRA' if lora_rank else ''})", start=start, resume_model=None,
+        objective=lambda out, model, tok: Classification({s: run.encoded[s] for s in ("train", "val")},
+                                                         len(run.names), tok.pad_id),
+        finish=lambda trainer, result: _finish(trainer, result, run, base_model, random_init))
+
+
+@dataclass
+class _Prepared:
+    """A classification run once its data is read and its model built."""
+
+    model: Transformer
+    tok: Tokenizer
+    names: list[str]
+    parts: dict[str, Examples]
+    encoded: dict[str, Encoded]
+    lora: Any  # the LoRAConfig, or None
+
+
+def _split(data: str | Path, val_data: Optional[str | Path], test_data: Optional[str | Path], val_fraction: float,
+           test_fraction: float, seed: int, columns: dict[str, Any]) -> tuple[dict[str, Examples], list[str]]:
+    """The train/val/test examples (from their own files or a stratified split of `data`) and the label names."""
     examples = load_examples(data, **columns)
-    names = label_names(examples.labels, str(data), label_column)
+    names = label_names(examples.labels, str(data), columns["label_column"])
     fractions = [0.0 if val_data else val_fraction, 0.0 if test_data else test_fraction]
-    train_idx, val_idx, test_idx = stratified_split(examples.labels, fractions, train_config.seed)
+    train_idx, val_idx, test_idx = stratified_split(examples.labels, fractions, seed)
     parts = {"train": examples.subset(train_idx),
              "val": load_examples(val_data, **columns) if val_data else examples.subset(val_idx),
              "test": load_examples(test_data, **columns) if test_data else examples.subset(test_idx)}
@@ -383,6 +240,12 @@ def finetune_classifier(data: str | Path, base_model: str, train_config: TrainCo
         if len(parts[split]) == 0:
             raise DataError(f"the {split} split is empty: {len(examples)} examples are too few; "
                             "add data or change --val-fraction / --test-fraction")
+    return parts, names
+
+
+def _prepare(parts: dict[str, Examples], names: list[str], base_model: str, max_length: Optional[int], seed: int, *,
+             lora: Any, pooling: Optional[str], dropout: Optional[float], random_init: bool) -> _Prepared:
+    """The base model with its new head (and LoRA adapters), and every split encoded for it."""
     from chatforge.loader import load
 
     model, tok = load(base_model, device="cpu")  # after the data: its mistakes are found without waiting
@@ -395,41 +258,41 @@ def finetune_classifier(data: str | Path, base_model: str, train_config: TrainCo
             raise DataError(f"the {split} data has labels the training data lacks: {', '.join(unknown[:5])}")
         encoded[split] = (encode_examples(tok, model.config, ex.texts, ex.pairs, max_length),
                           [names.index(y) for y in ex.labels])
-
-    classifier = with_classifier(model, names, pooling=pooling, dropout=dropout, random_init=random_init,
-                                 seed=train_config.seed)
+    classifier = with_classifier(model, names, pooling=pooling, dropout=dropout, random_init=random_init, seed=seed)
     if lora is not None:
+        from chatforge.lora import apply_lora
+
         apply_lora(classifier, lora)  # freezes every weight...
         for head in (classifier.pooler, classifier.classifier):  # ...but the head's, which is new or re-purposed
             if head is not None:
                 head.requires_grad_(True)
-    config = dataclasses.replace(train_config, metric=metric, metric_mode="max", restore_best=True)
-    objective = Classification({s: encoded[s] for s in ("train", "val")}, len(names), tok.pad_id)
-    dist = setup_distributed(config.device)
-    try:
-        title = f"classify ({metric}{', LoRA' if lora else ''})"
-        trainer = Trainer(classifier, objective, config, tokenizer=tok, dist=dist, title=title)
-        result = trainer.fit()  # ends with the best evaluation's weights
-        model_dir = Path(config.out_dir) / "best"
-        if lora is not None:
-            model_dir = Path(config.out_dir) / "merged"
-            merge_lora(trainer.model)
-            if dist.is_main:
-                save_checkpoint(model_dir, trainer.model, tok, extra_json={"training.json": {
-                    "step": result["best_step"], "base_model": str(base_model), "lora": lora.to_dict()}})
-        report: dict[str, Any] = {"labels": names, "examples": {s: len(p) for s, p in parts.items()},
-                                  "best_step": result["best_step"], "base_model": str(base_model),
-                                  "random_init": random_init, "model_dir": str(model_dir)}
-        for split in ("val", "test"):
-            if len(parts[split]):
-                report[split] = score(trainer.model, *encoded[split], names, tok.pad_id, config.batch_size,
-                                      trainer.device)
-        if dist.is_main:
-            atomic_write_text(Path(config.out_dir) / "report.json", json.dumps(report, indent=2) + "\n")
-    finally:
-        dist.close()
+    return _Prepared(classifier, tok, names, parts, encoded, lora)
+
+
+def _finish(trainer: Trainer, result: dict[str, Any], run: _Prepared, base_model: str,
+            random_init: bool) -> dict[str, Any]:
+    """The best weights (merged/ with LoRA) scored on val and test, and report.json."""
+    out, tok, names = trainer.out_dir, run.tok, run.names
+    model_dir = out / "best"
+    if run.lora is not None:
+        from chatforge.lora import merge_lora
+
+        model_dir = out / "merged"
+        merge_lora(trainer.model)
+        if trainer.dist.is_main:
+            save_checkpoint(model_dir, trainer.model, tok, extra_json={"training.json": {
+                "step": result["best_step"], "base_model": str(base_model), "lora": run.lora.to_dict()}})
+    report: dict[str, Any] = {"labels": names, "examples": {s: len(p) for s, p in run.parts.items()},
+                              "best_step": result["best_step"], "base_model": str(base_model),
+                              "random_init": random_init, "model_dir": str(model_dir)}
+    for split in ("val", "test"):
+        if len(run.parts[split]):
+            report[split] = score(trainer.model, *run.encoded[split], names, tok.pad_id, trainer.config.batch_size,
+                                  trainer.device)
+    if trainer.dist.is_main:
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return {**result, **report}
 
 
-__all__ = ["finetune_classifier", "Classification", "with_classifier", "score", "read_table", "load_examples",
-           "split_table", "stratified_split", "confusion_matrix", "classification_metrics", "encode_examples"]
+__all__ = ["finetune_classifier", "Classification", "with_classifier", "score", "confusion_matrix",
+           "classification_metrics"]

@@ -6,7 +6,9 @@
     report = evaluate("runs/sms/best", "test.tsv", text_column="SMS", label_column="Label")  # classifier
     print(summary(report))                                # accuracy, macro-F1, per class, confusion matrix
 
-Every figure is reproducible: masks and sentence pairs come from a seeded generator.
+Every figure is reproducible: masks and sentence pairs come from a seeded generator. Encoders
+and classifiers are scored by the validation pass the Trainer runs (objectives.run_objective)
+over their training objective, so `chatforge eval` and training report the same figures.
 """
 from __future__ import annotations
 
@@ -21,22 +23,7 @@ import torch.nn.functional as F
 from chatforge.errors import DataError
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-
-
-@torch.no_grad()
-def run_objective(model: torch.nn.Module, objective, batches: int, batch_size: int,
-                  device: str | torch.device = "cpu", seed: int = 0) -> dict[str, float]:
-    """Sum an objective's `evaluate` over `batches` validation batches (its eval_items), then summarize."""
-    gen = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    sums: dict[str, float] = {}
-    for i in range(batches):
-        batch = objective.collate("val", objective.eval_items(i, batch_size, gen))
-        for key, value in objective.evaluate(model, {k: v.to(device) for k, v in batch.items()}).items():
-            sums[key] = sums.get(key, 0.0) + value
-    model.train(was_training)
-    return {**sums, **objective.summarize(sums, batches)}
+from chatforge.train.objectives import run_objective
 
 
 def evaluate(model: Union[str, Transformer], data: Union[str, Sequence[str]], *, tokenizer: Optional[Tokenizer] = None,
@@ -79,7 +66,8 @@ def evaluate(model: Union[str, Transformer], data: Union[str, Sequence[str]], *,
 
 def _check_quantize(model: Optional[str], quantize: Optional[str]) -> Optional[str]:
     """quantize, once it is known not to be asked of an encoder or classifier (it serves generation models)."""
-    from chatforge.formats.checkpoint import CheckpointError, read_config_json
+    from chatforge.errors import CheckpointError
+    from chatforge.formats.checkpoint import read_config_json
     from chatforge.quantize import check_mode
 
     quantize = check_mode(quantize)
@@ -97,7 +85,8 @@ def _check_quantize(model: Optional[str], quantize: Optional[str]) -> Optional[s
 
 
 def _classifier(model, tok, path, text_column, label_column, pair_column, batch_size, max_length, device):
-    from chatforge.train.classify import encode_examples, load_examples, read_table, score
+    from chatforge.data.tables import encode_examples, load_examples, read_table
+    from chatforge.train.classify import score
 
     columns, _ = read_table(path)
     label_column = label_column or _column(columns, "label", path)
@@ -125,9 +114,10 @@ def _column(columns: list[str], wanted: str, path, others: Sequence[Optional[str
 
 
 def _masked_lm(model, tok, files, batch_size, max_length, batches, sentences, whole_word, seed, device):
-    from chatforge.train.mlm import MaskedLM, SentenceCorpus, read_documents
-
+    from chatforge.data.pairs import SentenceCorpus
+    from chatforge.data.text import read_documents
     from chatforge.pipelines.encoders import check_fill_mask
+    from chatforge.train.mlm import MaskedLM
 
     check_fill_mask(model, tok)
     corpus = SentenceCorpus.build(read_documents(files, sentences), tok)
@@ -144,14 +134,14 @@ def _masked_lm(model, tok, files, batch_size, max_length, batches, sentences, wh
 
 @torch.no_grad()
 def _perplexity(model, tok, files, batch_size, max_length, device):
-    from chatforge.data.shards import _pieces, find_inputs
+    from chatforge.data.shards import find_inputs, text_pieces
 
     ids: list[int] = []
     for i, path in enumerate(find_inputs(files)):
         if i and tok.eos_id is not None:
             ids.append(tok.eos_id)  # the document boundary, as in the training shards
         text = Path(path).read_text(encoding="utf-8", errors="replace")
-        for piece in tok.encode_batch(_pieces(text, 1 << 16)):
+        for piece in tok.encode_batch(text_pieces(text)):
             ids.extend(piece)
     if len(ids) < 2:
         raise DataError("the text is too short to measure perplexity: it needs at least two tokens")

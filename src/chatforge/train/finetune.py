@@ -6,9 +6,11 @@
     result = finetune_chat(["chats.jsonl"], "runs/pretrain/best", TrainConfig(out_dir="runs/sft", lr=3e-4))
     result["model_dir"]   # a normal checkpoint: chatforge chat --model runs/sft/best
 
-The same Trainer as pre-training (early stopping, resume, metrics.jsonl, loss.png) runs the
-ChatSFT objective of train/sft.py. The base model's tokenizer gets the ChatML template when
-it has none (or `chat_template`, when given), and every checkpoint saved carries it.
+What is particular to it: the base model and its chat template, the conversations packed by
+data/chats.py, the ChatSFT objective of train/sft.py and LoRA; the run around them (early
+stopping, resume, metrics.jsonl, loss.png) is the training frame's, as for pre-training.
+The base model's tokenizer gets the ChatML template when it has none (or `chat_template`,
+when given), and every checkpoint saved carries it.
 
 With lora_rank > 0 the base weights are frozen and only LoRA adapters on `lora_targets`
 train (chatforge.lora). best/ and last/ then hold the base weights plus the adapter
@@ -28,17 +30,19 @@ from typing import Any, Optional, Sequence
 import torch
 
 from chatforge.chat.template import CHATML_TEMPLATE, ChatFormat
-from chatforge.formats.checkpoint import (WEIGHTS, build_model, is_checkpoint, load_config, load_tokenizer, load_trainer_state,
-                          read_weights, save_checkpoint)
 from chatforge.config import TrainConfig
-from chatforge.errors import CheckpointError, ConfigError
-from chatforge.lora import LoRAConfig, apply_lora, load_lora_state, merge_lora, save_adapter, split_state
+from chatforge.data.chats import prepare_chats, read_chat_jsonl, split_conversations
+from chatforge.errors import ConfigError
+from chatforge.export import save_adapter
+from chatforge.formats.checkpoint import WEIGHTS, build_model, read_config, read_weights, save_checkpoint
+from chatforge.lora import LoRAConfig, apply_lora, load_lora_state, merge_lora, split_state
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.utils import atomic_write_text
-from chatforge.train.distributed import setup_distributed
-from chatforge.train.sft import ChatSFT, prepare_chats, read_chat_jsonl, split_conversations
+from chatforge.train.distributed import Dist
+from chatforge.train.frame import resume_point, run_training
+from chatforge.train.sft import ChatSFT
 from chatforge.train.trainer import Trainer
+from chatforge.utils import atomic_write_text
 
 SETTINGS = "finetune.json"
 TEMPLATES = {"chatml": CHATML_TEMPLATE}
@@ -48,7 +52,7 @@ def finetune_chat(data: list[str], base_model: str, train_config: TrainConfig, *
                   val_data: Optional[list[str]] = None, val_fraction: float = 0.1, lora_rank: int = 0,
                   lora_alpha: float = 16, lora_dropout: float = 0.0, lora_targets: Sequence[str] = ("qkv", "proj"),
                   merge_lora: bool = True, chat_template: Optional[str] = None, resume: bool = False,
-                  block_size: Optional[int] = None) -> dict:
+                  block_size: Optional[int] = None) -> dict[str, Any]:
     """Fine-tune `base_model` (a checkpoint dir, Hugging Face dir/id or "chatforge-demo") on chat JSONL.
 
     data / val_data: JSONL files, folders of .jsonl files or globs; without val_data a seeded
@@ -63,31 +67,21 @@ def finetune_chat(data: list[str], base_model: str, train_config: TrainConfig, *
     Returns the Trainer's final metrics plus "model_dir" (the checkpoint to chat with),
     "adapter_dir" (LoRA only) and "data" (conversation counts, truncations).
     """
-    dist = setup_distributed(train_config.device)
-    try:
-        out = Path(train_config.out_dir)
-        if resume:
-            model, tok, train_config, state, settings = _resume(out, train_config)
-        else:
-            settings = {"base_model": base_model, "lora": None, "block_size": block_size}
-            if lora_rank:
-                settings["lora"] = LoRAConfig(lora_rank, float(lora_alpha), lora_dropout, list(lora_targets)).to_dict()
-            model, tok = _start(data, val_data, val_fraction, base_model, train_config, out, dist,
-                                chat_template=chat_template, settings=settings)
-            state = None
-        objective = ChatSFT.from_dir(out / "data")
-        trainer = Trainer(model, objective, train_config, tokenizer=tok, dist=dist, state=state,
-                          title="finetune chat" + (" (LoRA)" if settings["lora"] else ""))
-        result = trainer.fit()
-        result["data"] = json.loads((out / "data" / "meta.json").read_text())
-        result["model_dir"] = str(out / "best")
-        if settings["lora"] and dist.is_main:
-            result.update(_finish_lora(trainer, out, LoRAConfig(**settings["lora"]), settings["base_model"],
-                                       merge_lora))
-        dist.barrier()
-        return result
-    finally:
-        dist.close()
+    out = Path(train_config.out_dir)
+    if resume:  # the run's own settings, not the arguments
+        resume_point(out, SETTINGS)
+        settings = json.loads((out / SETTINGS).read_text())
+    else:
+        settings = {"base_model": base_model, "lora": None, "block_size": block_size}
+        if lora_rank:
+            settings["lora"] = LoRAConfig(lora_rank, float(lora_alpha), lora_dropout, list(lora_targets)).to_dict()
+    return run_training(
+        train_config, resume=resume, title="finetune chat" + (" (LoRA)" if settings["lora"] else ""),
+        start=lambda out, dist: _start(data, val_data, val_fraction, base_model, train_config, out, dist,
+                                       chat_template=chat_template, settings=settings),
+        resume_model=lambda last: _load_training_model(last, settings["lora"]).train(),
+        objective=lambda out, model, tok: ChatSFT.from_dir(out / "data"),
+        finish=lambda trainer, result: _finish(trainer, result, settings, merge_lora))
 
 
 def chat_tokenizer(tok: Tokenizer, chat_template: Optional[str]) -> Tokenizer:
@@ -102,13 +96,11 @@ def chat_tokenizer(tok: Tokenizer, chat_template: Optional[str]) -> Tokenizer:
     return tok
 
 
-def _start(data, val_data, val_fraction, base_model, train_config: TrainConfig, out: Path, dist, *,
-           chat_template, settings) -> tuple[Transformer, Tokenizer]:
+def _start(data: list[str], val_data: Optional[list[str]], val_fraction: float, base_model: str,
+           train_config: TrainConfig, out: Path, dist: Dist, *, chat_template: Optional[str],
+           settings: dict[str, Any]) -> tuple[Transformer, Tokenizer]:
     from chatforge.loader import load
 
-    if is_checkpoint(out / "last"):
-        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it, "
-                          "or choose another --out-dir")
     conversations = read_chat_jsonl(data)  # on every process, so that all of them fail alike
     if val_data:
         train, val = conversations, read_chat_jsonl(val_data)
@@ -133,27 +125,21 @@ def _start(data, val_data, val_fraction, base_model, train_config: TrainConfig, 
 def _load_training_model(directory: Path, lora: Optional[dict]) -> Transformer:
     """A best/ or last/ checkpoint of this run: base weights, plus adapters for a LoRA run."""
     base, adapters = split_state(read_weights(directory / WEIGHTS))
-    model = build_model(load_config(directory), base, source=str(directory))
+    model = build_model(read_config(directory), base, source=str(directory))
     if lora:
         apply_lora(model, LoRAConfig(**lora))
         load_lora_state(model, adapters, str(directory))
     return model
 
 
-def _resume(out: Path, given: TrainConfig):
-    last = out / "last"
-    if not is_checkpoint(last) or not (out / SETTINGS).is_file():
-        raise CheckpointError(f"nothing to resume: {last} (or {out / SETTINGS}) does not exist; check --out-dir, "
-                              "or start a new run without --resume")
-    settings = json.loads((out / SETTINGS).read_text())
-    state = load_trainer_state(last)
-    model = _load_training_model(last, settings["lora"])
-    model.train()
-    tok = load_tokenizer(last, model.config)
-    defaults, wanted = TrainConfig().to_dict(), given.to_dict()
-    merged = {**state.get("config", {}), **{k: v for k, v in wanted.items() if v != defaults.get(k)}}
-    merged["out_dir"] = str(out)
-    return model, tok, TrainConfig.from_dict(merged), state, settings
+def _finish(trainer: Trainer, result: dict[str, Any], settings: dict[str, Any], merge: bool) -> dict[str, Any]:
+    """The result, with the data's counts, the checkpoint to chat with and, for LoRA, adapter/ and merged/."""
+    out = trainer.out_dir
+    result["data"] = json.loads((out / "data" / "meta.json").read_text())
+    result["model_dir"] = str(out / "best")
+    if settings["lora"] and trainer.dist.is_main:
+        result.update(_finish_lora(trainer, out, LoRAConfig(**settings["lora"]), settings["base_model"], merge))
+    return result
 
 
 def _finish_lora(trainer: Trainer, out: Path, lora: LoRAConfig, base_model: str, merge: bool) -> dict[str, Any]:
@@ -174,8 +160,7 @@ def _finish_lora(trainer: Trainer, out: Path, lora: LoRAConfig, base_model: str,
 @torch.no_grad()
 def merge_adapter(base_model: str, adapter_dir: str, out_dir: str) -> Path:
     """Fold a saved adapter (adapter/) into its base model and save a normal checkpoint at out_dir."""
-    from chatforge.loader import load
-    from chatforge.lora import load_adapter
+    from chatforge.loader import load, load_adapter
 
     model, tok = load(base_model, device="cpu")
     model = model.float()

@@ -5,10 +5,9 @@
 
     pretrain_encoder(["corpus.txt"], ModelConfig.preset("bert-mini"), TrainConfig(out_dir="runs/bert"))
 
-Input is either BERT's format, one sentence per line with blank lines between documents,
-or plain prose, which a small regular expression splits into sentences (its blank-line
-separated paragraphs are then the documents). `sentences="auto"` tells them apart per
-file by how many lines end like a sentence.
+What is particular to it: the MaskedLM objective, BERT's masking (Masker) and the encoder's
+config; reading text into sentences and documents is data/text.py's, building the sequences
+data/pairs.py's, and the run around it the training frame's (frame.py).
 
 Every time a sequence is drawn it is built and masked afresh (dynamic masking):
 
@@ -26,10 +25,6 @@ next-sentence head (pooler + classifier over [CLS], the model's sequence-level h
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -37,213 +32,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chatforge.formats.checkpoint import is_checkpoint, load_checkpoint
 from chatforge.config import ModelConfig, TrainConfig
-from chatforge.data.shards import find_inputs
+from chatforge.data.pairs import SentenceCorpus, mlm_span, nsp_pair, prepare_sentences
+from chatforge.data.text import IGNORE_INDEX, pad_batch, pair_layout, read_documents, split_documents
 from chatforge.errors import ConfigError, DataError
 from chatforge.model import Transformer
-from chatforge.tokenizer import Tokenizer, train_tokenizer
-from chatforge.utils import atomic_write_text
-from chatforge.train.objectives import IGNORE_INDEX, Objective
-from chatforge.train.pretrain import VOCAB_MULTIPLE, run_training
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.distributed import Dist
+from chatforge.train.frame import new_model, run_training, save_and_prepare, starting_point
+from chatforge.train.objectives import Objective
 
 OBJECTIVES = ("mlm+nsp", "mlm")
-SENTENCE_MODES = ("auto", "lines", "prose")
-DOC_MAX_SENTENCES = 200  # longer documents are cut, so a file without blank lines still has several
 NSP_LABELS = ["is_next", "not_next"]  # next-sentence label ids, in Hugging Face BERT's order
-
-
-# --- text -> documents of sentences --------------------------------------------------------
-
-_SENTENCE_END = re.compile(r"([.!?]+[\"'\u2019\u201d)\]]*)\s+(?=[\"'\u2018\u201c(\[]?[A-Z0-9])")
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "mt", "no", "vol", "fig",
-                  "e.g", "i.e", "cf", "co", "inc", "ltd"}
-_LINE_END = re.compile(r"[.!?:;\"'\u2019\u201d)\]]$")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a prose passage: cut after . ! or ? (and closing quotes) before a capital or digit.
-
-    A deliberately small rule: it keeps "Mr. Smith" and initials such as "J. R. R." together
-    and otherwise trusts the punctuation. Whitespace inside a sentence becomes single spaces.
-    """
-    text = " ".join(text.split())
-    out, start = [], 0
-    for m in _SENTENCE_END.finditer(text):
-        word = text[start:m.start(1)].rsplit(" ", 1)[-1]
-        if m.group(1) == "." and (word.lower().rstrip(".") in _ABBREVIATIONS or (len(word) == 1 and word.isupper())):
-            continue
-        out.append(text[start:m.end(1)])
-        start = m.end()
-    if start < len(text):
-        out.append(text[start:])
-    return [s for s in out if s]
-
-
-def looks_like_sentence_lines(text: str) -> bool:
-    """Whether most non-blank lines end like a sentence: BERT's one-sentence-per-line format."""
-    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
-    return bool(lines) and sum(bool(_LINE_END.search(line)) for line in lines) >= 0.6 * len(lines)
-
-
-def read_documents(files: Sequence[str | Path], sentences: str = "auto") -> list[list[str]]:
-    """Documents (lists of sentences) of text files: blank lines and file ends separate documents."""
-    if sentences not in SENTENCE_MODES:
-        raise ConfigError(f"sentences must be one of {', '.join(SENTENCE_MODES)}, got {sentences!r}")
-    docs: list[list[str]] = []
-    for path in find_inputs(files):
-        text = Path(path).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-        as_lines = sentences == "lines" or (sentences == "auto" and looks_like_sentence_lines(text))
-        for block in re.split(r"\n[ \t]*\n", text):
-            if as_lines:
-                doc = [" ".join(line.split()) for line in block.splitlines() if line.strip()]
-            else:
-                doc = split_sentences(block)
-            for i in range(0, len(doc), DOC_MAX_SENTENCES):
-                docs.append(doc[i:i + DOC_MAX_SENTENCES])
-    docs = [d for d in docs if d]
-    if not docs:
-        raise DataError(f"no sentences in {', '.join(map(str, files))}: the input holds only whitespace")
-    return docs
-
-
-def running_text(text: str) -> str:
-    """How an encoder sees every sentence and input: after a space, as inside running text, so that
-    consecutive sentences join naturally and a text's first word is tokenized like any other word."""
-    return " " + text.lstrip()
-
-
-# --- documents -> token arrays ---------------------------------------------------------------
-
-class SentenceCorpus:
-    """Tokenized sentences of one split: all ids in one array, with sentence and document bounds."""
-
-    def __init__(self, tokens: np.ndarray, sent_bounds: np.ndarray, doc_bounds: np.ndarray):
-        self.tokens, self.sent_bounds, self.doc_bounds = tokens, sent_bounds, doc_bounds
-        self.n_sentences, self.n_docs = len(sent_bounds) - 1, len(doc_bounds) - 1
-        self.doc_of = np.repeat(np.arange(self.n_docs), np.diff(doc_bounds))
-        last_of_doc = doc_bounds[1:] - 1
-        # sentences followed by another one of the same document: where a true next-sentence pair can start
-        self.pair_starts = np.setdiff1d(np.arange(self.n_sentences), last_of_doc)
-
-    @classmethod
-    def build(cls, docs: Sequence[Sequence[str]], tokenizer: Tokenizer) -> "SentenceCorpus":
-        flat = [s for d in docs for s in d]
-        encoded = tokenizer.encode_batch([running_text(s) for s in flat])
-        lengths, doc_sizes, k = [], [], 0
-        for d in docs:
-            kept = [len(ids) for ids in encoded[k:k + len(d)] if ids]
-            k += len(d)
-            if kept:
-                lengths.extend(kept)
-                doc_sizes.append(len(kept))
-        tokens = np.fromiter((t for ids in encoded for t in ids), dtype=np.int32)
-        sent_bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        doc_bounds = np.concatenate([[0], np.cumsum(doc_sizes)]).astype(np.int64)
-        return cls(tokens, sent_bounds, doc_bounds)
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, tokens=self.tokens, sent_bounds=self.sent_bounds, doc_bounds=self.doc_bounds)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> "SentenceCorpus":
-        if not path.is_file():
-            raise DataError(f"{path} is missing; prepare the data again (start a new run in another --out-dir)")
-        with np.load(path, allow_pickle=False) as f:
-            return cls(f["tokens"], f["sent_bounds"], f["doc_bounds"])
-
-    def sentence(self, i: int) -> list[int]:
-        return self.tokens[self.sent_bounds[i]:self.sent_bounds[i + 1]].tolist()
-
-    def span(self, first: int, last: int) -> list[int]:
-        """Tokens of sentences first..last-1, joined."""
-        return self.tokens[self.sent_bounds[first]:self.sent_bounds[last]].tolist()
-
-
-def split_documents(docs: list[list[str]], val_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, val) documents: a seeded random `val_fraction` of them (at least one) for validation."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if len(docs) < 2:
-        raise DataError("the input has a single document, too little to hold some out for validation; "
-                        "add text, or separate documents with blank lines")
-    order = np.random.default_rng(seed).permutation(len(docs))
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-    val = set(order[:n_val].tolist())
-    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
-
-
-# --- building one training sequence -----------------------------------------------------------
-
-def truncate_pair(a: list[int], b: list[int], max_tokens: int,
-                  rng: Optional[np.random.Generator] = None) -> tuple[list[int], list[int]]:
-    """BERT's rule: while the pair is too long, drop one token from the longer side (B on a tie),
-    from its end, or with `rng` from its front or end at random."""
-    a, b = list(a), list(b)
-    while len(a) + len(b) > max_tokens:
-        longer = a if len(a) > len(b) else b
-        if rng is not None and rng.random() < 0.5:
-            del longer[0]
-        else:
-            longer.pop()
-    return a, b
-
-
-def pair_layout(a: Sequence[int], b: Optional[Sequence[int]], cls: int, sep: int) -> tuple[list[int], list[int]]:
-    """`[CLS] A [SEP] B [SEP]` (or `[CLS] A [SEP]`) and its segment ids: 0 up to the first [SEP], then 1."""
-    ids = [cls, *a, sep]
-    segments = [0] * len(ids)
-    if b is not None:
-        ids += [*b, sep]
-        segments += [1] * (len(b) + 1)
-    return ids, segments
-
-
-def nsp_pair(corpus: SentenceCorpus, start: int, is_next: bool, max_tokens: int,
-             rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    """Segments A and B of a next-sentence example that starts at sentence `start` (BERT's
-    create_instances_from_document, one example at a time)."""
-    doc = int(corpus.doc_of[start])
-    doc_end = int(corpus.doc_bounds[doc + 1])
-    end, length = start, 0
-    while end < doc_end and (end - start < 2 or length < max_tokens):  # at least two sentences
-        length += int(corpus.sent_bounds[end + 1] - corpus.sent_bounds[end])
-        end += 1
-    a_end = int(rng.integers(start + 1, end)) if end - start > 1 else end
-    a = corpus.span(start, a_end)
-    if is_next:
-        b = corpus.span(a_end, end)
-    else:
-        b = _random_segment(corpus, doc, start, end, max_tokens - len(a), rng)
-    return truncate_pair(a, b, max_tokens, rng)
-
-
-def _random_segment(corpus: SentenceCorpus, doc: int, lo: int, hi: int, want: int,
-                    rng: np.random.Generator) -> list[int]:
-    """Consecutive sentences (about `want` tokens) from a random other document (if there is only one,
-    from outside sentences lo..hi-1 of it)."""
-    if corpus.n_docs > 1:
-        other = int(rng.integers(corpus.n_docs - 1))
-        other += other >= doc
-        first, end = int(corpus.doc_bounds[other]), int(corpus.doc_bounds[other + 1])
-        s = int(rng.integers(first, end))
-    else:
-        outside = [i for i in range(corpus.n_sentences) if not lo <= i < hi] or [lo]
-        s, end = int(rng.choice(outside)), corpus.n_sentences
-    e = s + 1
-    while e < end and corpus.sent_bounds[e] - corpus.sent_bounds[s] < max(1, want):
-        e += 1
-    return corpus.span(s, e)
-
-
-def mlm_span(corpus: SentenceCorpus, start: int, max_tokens: int) -> list[int]:
-    """As many whole consecutive sentences from `start` as fit (at least one, cut to fit)."""
-    end = start + 1
-    while end < corpus.n_sentences and corpus.sent_bounds[end + 1] - corpus.sent_bounds[start] <= max_tokens:
-        end += 1
-    return corpus.span(start, end)[:max_tokens]
 
 
 # --- masking -----------------------------------------------------------------------------------
@@ -303,19 +103,12 @@ class Masker:
 
 
 def require_special(tokenizer: Tokenizer, role: str) -> int:
+    """The id of the tokenizer's `role` special token ("cls", "sep", "mask"), which an encoder needs."""
     token_id = tokenizer.token_id(role)
     if token_id is None:
         raise ConfigError(f"the tokenizer has no {role.upper()} token; an encoder needs [CLS], [SEP] and [MASK] "
                           "(train a new tokenizer with --tokenizer bpe or char)")
     return token_id
-
-
-def pad_batch(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
-    """Right-pad lists of ids to the longest into a (B, T) tensor."""
-    out = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
-    return out
 
 
 def unwrap(model: torch.nn.Module) -> Transformer:
@@ -457,7 +250,7 @@ def pretrain_encoder(data: list[str], model_config: ModelConfig, train_config: T
                      objective: str = "mlm+nsp", whole_word_mask: bool = False, tokenizer: str = "bpe",
                      vocab_size: Optional[int] = 8192, val_fraction: float = 0.05, mask_prob: float = 0.15,
                      sentences: str = "auto", max_seq_len: Optional[int] = None, resume: bool = False,
-                     init_from: Optional[str] = None) -> dict:
+                     init_from: Optional[str] = None) -> dict[str, Any]:
     """Pre-train a BERT-style encoder on text files, folders or globs; returns the final metrics.
 
     objective: "mlm+nsp" (BERT) or "mlm" (masked LM alone, as RoBERTa).
@@ -482,63 +275,26 @@ def pretrain_encoder(data: list[str], model_config: ModelConfig, train_config: T
                                        init_from=init_from))
 
 
-def _start(data, model_config, train_config, out: Path, dist, *, nsp, tokenizer, vocab_size, val_fraction,
-           sentences, init_from) -> tuple[Transformer, Tokenizer]:
-    if is_checkpoint(out / "last"):
-        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it, "
-                          "or choose another --out-dir")
+def _start(data: list[str], model_config: ModelConfig, train_config: TrainConfig, out: Path, dist: Dist, *,
+           nsp: bool, tokenizer: str, vocab_size: Optional[int], val_fraction: float, sentences: str,
+           init_from: Optional[str]) -> tuple[Transformer, Tokenizer]:
     docs = read_documents(data, sentences)  # on every process, so that all of them fail alike
     train_docs, val_docs = split_documents(docs, val_fraction, train_config.seed)
-    model, tok = None, None
-    if init_from:
-        model, tok = load_checkpoint(init_from)
-        model_config = model.config
-    elif tokenizer in ("char", "bpe"):
-        if dist.is_main:
-            texts = (" ".join(d) for d in train_docs)
-            tok = train_tokenizer(tokenizer, texts, vocab_size, show_progress=train_config.progress)
-    elif Path(tokenizer).exists():
-        tok = Tokenizer.load(tokenizer)
-    else:
-        raise ConfigError(f"tokenizer must be char, bpe or a directory / tokenizer.json to reuse; "
-                          f"{tokenizer!r} is none of these")
+    model, tok = starting_point(tokenizer, (" ".join(d) for d in train_docs), vocab_size=vocab_size,
+                                init_from=init_from, dist=dist, progress=train_config.progress)
     config = encoder_config(model_config if model is None else model.config, nsp)
     if dist.is_main:
         for role in ("cls", "sep", "mask"):
             require_special(tok, role)
-        tok.save(out)
-        prepare_sentences(train_docs, val_docs, tok, out / "data")
-    dist.barrier()
-    if tok is None:
-        tok = Tokenizer.load(out)
-    torch.manual_seed(train_config.seed)  # the same initial weights on every process
+    tok = save_and_prepare(out, tok, dist, lambda tok: prepare_sentences(train_docs, val_docs, tok, out / "data"))
     if model is None:
-        config.vocab_size = -(-tok.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        config.validate()
-        model = Transformer(config)
-    elif config != model.config:  # init_from an encoder without the NSP head: keep its weights, add the head
+        return new_model(config, tok, train_config.seed), tok
+    torch.manual_seed(train_config.seed)  # the same initial weights on every process
+    if config != model.config:  # init_from an encoder without the NSP head: keep its weights, add the head
         fresh = Transformer(config)
         fresh.load_state_dict(model.state_dict(), strict=False)
         model = fresh
     return model, tok
 
 
-def prepare_sentences(train_docs, val_docs, tok: Tokenizer, data_dir: Path) -> dict:
-    """Tokenize both splits into data_dir/{train,val}.npz and write meta.json; returns the meta."""
-    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta: dict[str, Any] = {"version": 1, "format": "sentences", "vocab_size": tok.vocab_size}
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        corpus = SentenceCorpus.build(docs, tok)
-        corpus.save(tmp / f"{split}.npz")
-        meta[split] = {"documents": corpus.n_docs, "sentences": corpus.n_sentences, "tokens": len(corpus.tokens)}
-    atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    os.rename(tmp, data_dir)
-    return meta
-
-
-__all__ = ["pretrain_encoder", "MaskedLM", "Masker", "SentenceCorpus", "read_documents", "split_sentences",
-           "truncate_pair", "pair_layout", "nsp_pair"]
+__all__ = ["pretrain_encoder", "MaskedLM", "Masker", "encoder_config", "require_special"]

@@ -4,19 +4,26 @@ An objective says where batches come from and how a batch becomes a loss. Drawin
 batch is two steps so that data parallelism stays exact: `sample` draws the items of
 the whole global batch from the Trainer's generator (every process draws the same),
 then `collate` loads only this process's slice. Pre-training is CausalLM below;
-fine-tuning, masked-LM and classification add objectives here, not new loops.
+masked-LM (mlm.py), chat fine-tuning (sft.py) and classification (classify.py) are the
+others: new objectives, not new loops. `validation_sums` is the one validation pass, which
+the Trainer runs every `eval_interval` steps and `chatforge eval` runs on a finished model.
+
+    sums = validation_sums(model, objective, batches=20, batch_size=16)
+    metrics = objective.summarize(sums, 20)   # {"val_loss", "ppl", ...}
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 
 from chatforge.data.shards import TokenShards
-
-IGNORE_INDEX = -100  # label of positions that carry no loss (Hugging Face convention)
+from chatforge.data.text import IGNORE_INDEX
+from chatforge.train.distributed import Dist
 
 
 class Objective:
@@ -54,12 +61,59 @@ class Objective:
         """Tokens in a batch, for the tokens/s figure."""
         return int(batch["input_ids"].numel())
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         """Data position beyond the Trainer's generator (none for random sampling)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class FullValidation(Objective):
+    """Mixin for objectives that evaluate one pass over their whole validation set, in order."""
+
+    def val_size(self) -> int:
+        raise NotImplementedError
+
+    def eval_batches(self, batch_size: int) -> int:
+        return max(1, math.ceil(self.val_size() / batch_size))
+
+    def eval_items(self, index: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.arange(index * n, min((index + 1) * n, self.val_size()))
+
+
+@torch.no_grad()
+def validation_sums(model: torch.nn.Module, objective: Objective, batches: int, batch_size: int,
+                    device: str | torch.device = "cpu", seed: int = 0, *, dist: Optional[Dist] = None,
+                    autocast: Optional[Callable[[], ContextManager]] = None) -> dict[str, float]:
+    """The sums of the objective's `evaluate` over validation batches 0..batches-1 (its eval_items,
+    drawn from a generator seeded with `seed`), in eval mode. Under `dist` each process takes every
+    world_size-th batch and the sums are added up over all processes."""
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    for i in range(batches):
+        items = objective.eval_items(i, batch_size, gen)  # drawn on every process: the same batches for all
+        if i % world != rank:
+            continue
+        batch = {k: v.to(device) for k, v in objective.collate("val", items).items()}
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            for key, value in objective.evaluate(model, batch).items():
+                sums[key] = sums.get(key, 0.0) + value
+    model.train(was_training)
+    if dist is not None:
+        keys = sorted(sums)
+        sums = dict(zip(keys, dist.all_reduce_sum([sums[k] for k in keys])))
+    return sums
+
+
+def run_objective(model: torch.nn.Module, objective: Objective, batches: int, batch_size: int,
+                  device: str | torch.device = "cpu", seed: int = 0) -> dict[str, float]:
+    """The sums of `validation_sums` and, over them, the objective's summarized metrics."""
+    sums = validation_sums(model, objective, batches, batch_size, device, seed)
+    return {**sums, **objective.summarize(sums, batches)}
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from chatforge.errors import ChatforgeError
 from chatforge.utils import atomic_write_bytes, atomic_write_text
+from chatforge.train.metrics import MetricsLog
 from chatforge.figures import figure_png, png_data_uri, pyplot
 
 # fields the trainer writes on every log line; anything else numeric on evaluation rows is a metric
@@ -52,8 +53,6 @@ class Overfitting:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    from chatforge.train.metrics import MetricsLog
-
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
     if not path.is_file():

@@ -18,7 +18,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import numpy as np
 import torch
@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from chatforge.formats.checkpoint import WEIGHTS, read_weights, save_checkpoint
 from chatforge.config import TrainConfig
 from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.tokenizer import Tokenizer
 from chatforge.utils import atomic_write_text, pick_precision
 from chatforge.train.distributed import Dist, setup_distributed
 from chatforge.train.metrics import MetricsLog, plot_losses
-from chatforge.train.objectives import Objective
+from chatforge.train.objectives import Objective, validation_sums
 from chatforge.train.schedule import lr_at
 
 EVAL_SEED_OFFSET = 1  # validation batches come from their own generator, the same ones every time
@@ -82,8 +83,8 @@ class Trainer:
     """Trains `model` on `objective` as `config` says; `state` (a `last` checkpoint's) resumes exactly."""
 
     def __init__(self, model: torch.nn.Module, objective: Objective, config: TrainConfig, *,
-                 tokenizer=None, dist: Optional[Dist] = None, state: Optional[dict[str, Any]] = None,
-                 title: str = ""):
+                 tokenizer: Optional[Tokenizer] = None, dist: Optional[Dist] = None,
+                 state: Optional[dict[str, Any]] = None, title: str = ""):
         self.config, self.objective, self.tokenizer, self.title = config, objective, tokenizer, title
         self.dist = dist or setup_distributed(config.device)
         world = self.dist.world_size
@@ -160,7 +161,7 @@ class Trainer:
         return self.elapsed_before + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0)
 
     # --- one step ----------------------------------------------------------------------------
-    def autocast(self):
+    def autocast(self) -> ContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -192,26 +193,13 @@ class Trainer:
         self.step += 1
         return total, grad_norm, tokens * self.dist.world_size
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation metrics on `eval_iters` fixed batches (or the objective's own pass over
         its whole validation set), shared out among the processes."""
         cfg = self.config
-        gen = torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET)
-        self.model.eval()
-        sums: dict[str, float] = {}
         iters = self.objective.eval_batches(cfg.batch_size) or cfg.eval_iters
-        for i in range(iters):
-            items = self.objective.eval_items(i, cfg.batch_size, gen)
-            if i % self.dist.world_size != self.dist.rank:
-                continue
-            batch = {k: v.to(self.device) for k, v in self.objective.collate("val", items).items()}
-            with self.autocast():
-                for key, value in self.objective.evaluate(self.forward_model, batch).items():
-                    sums[key] = sums.get(key, 0.0) + value
-        self.model.train()
-        keys = sorted(sums)
-        sums = dict(zip(keys, self.dist.all_reduce_sum([sums[k] for k in keys])))
+        sums = validation_sums(self.forward_model, self.objective, iters, cfg.batch_size, self.device,
+                               cfg.seed + EVAL_SEED_OFFSET, dist=self.dist, autocast=self.autocast)
         return self.objective.summarize(sums, iters)
 
     def _improved(self, results: dict[str, float]) -> bool:

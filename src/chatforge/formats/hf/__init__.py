@@ -1,13 +1,13 @@
-"""Hugging Face interoperability: load GPT-2, GPT-Neo and Llama-family models onto chatforge's
-own Transformer, from a directory or a Hub id (through the local cache), and export chatforge
-models as directories transformers loads.
+"""Hugging Face interoperability, file layouts only: GPT-2, GPT-Neo and Llama-family directories
+read onto chatforge's own Transformer (read), chatforge models written as directories transformers
+loads (export), the family tables both use (families) and the Hub cache (hub).
 
-    model, tok = load_hf("path/to/hf-model", device="cpu", dtype=torch.bfloat16)
-    model, tok = load_hf_id("EleutherAI/gpt-neo-1.3B")
-    export_hf("runs/sft/best", "exported/")   # then AutoModelForCausalLM.from_pretrained("exported/")
+Users go through the layer above: `chatforge.loader.load("path/or/owner-name")` reads a directory
+or a Hub id, `chatforge.export.export_hf(model, "out/")` writes one.
 """
-from chatforge.formats.hf.export import export_hf
+from chatforge.formats.hf.export import write_hf
 from chatforge.formats.hf.families import SUPPORTED
-from chatforge.formats.hf.read import hub_cache_dir, load_hf, load_hf_id, resolve_hub_id
+from chatforge.formats.hf.hub import hub_cache_dir, offline, resolve_hub_id
+from chatforge.formats.hf.read import read_hf
 
-__all__ = ["load_hf", "load_hf_id", "export_hf", "resolve_hub_id", "hub_cache_dir", "SUPPORTED"]
+__all__ = ["read_hf", "write_hf", "resolve_hub_id", "hub_cache_dir", "offline", "SUPPORTED"]

@@ -3,6 +3,8 @@
 The same family tables that load Hugging Face models run backwards here: our fused
 tensors are split (qkv -> q, k, v; fc -> gate, up) and GPT-2's Conv1D weights transposed.
 A configuration no transformers architecture computes exactly is refused, naming the option.
+Part of formats/ (file layouts only): it writes a model already in memory; `chatforge.export`
+(`export_hf`, the `chatforge export` verb) loads one by name first and calls `write_hf`.
 """
 from __future__ import annotations
 
@@ -13,15 +15,13 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from chatforge.formats.checkpoint import atomic_directory
+from chatforge.formats.hf.families import WeightMap, export_family
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.formats.hf.families import export_family
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+from chatforge.utils import atomic_directory, dtype_name
 
 
-def hf_state(model: Transformer, plan, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+def hf_state(model: Transformer, plan: WeightMap, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Our tensors under Hugging Face names and layouts, in `dtype` (default: as they are)."""
     ours = model.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -36,9 +36,10 @@ def hf_state(model: Transformer, plan, dtype: Optional[torch.dtype] = None) -> d
 
 
 def hf_config(model: Transformer, tokenizer: Optional[Tokenizer], dtype: torch.dtype) -> dict[str, Any]:
+    """The config.json transformers needs for `model` saved in `dtype` (refuses what it cannot run)."""
     config = model.config
     family = export_family(config)
-    dtype = _DTYPE_NAMES.get(dtype, "float32")
+    dtype = dtype_name(dtype)
     out = {"architectures": [family.architecture], "model_type": family.model_type,
            **family.from_config(config), "torch_dtype": dtype, "dtype": dtype, "use_cache": True}
     if tokenizer is not None:
@@ -47,19 +48,13 @@ def hf_config(model: Transformer, tokenizer: Optional[Tokenizer], dtype: torch.d
     return out
 
 
-def export_hf(model: str | Path | Transformer, out_dir: str | Path, tokenizer: Optional[Tokenizer] = None,
-              dtype: Optional[str | torch.dtype] = None) -> Path:
-    """Write `model` (a checkpoint dir, anything loader.load accepts, or a Transformer) as a Hugging Face model.
+def write_hf(model: Transformer, out_dir: str | Path, tokenizer: Optional[Tokenizer] = None,
+             dtype: Optional[torch.dtype] = None) -> Path:
+    """Write `model` as a Hugging Face model directory, atomically, in `dtype` (default: the model's own).
 
     The directory holds config.json, generation_config.json, model.safetensors and, with a
     tokenizer, tokenizer.json + tokenizer_config.json (chat template included).
     """
-    from chatforge.loader import load, parse_dtype
-
-    dtype = parse_dtype(dtype)
-    if isinstance(model, (str, Path)):
-        model, loaded_tok = load(str(model), device="cpu", dtype=dtype)
-        tokenizer = tokenizer or loaded_tok
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     dtype = dtype or next(model.parameters()).dtype
@@ -74,3 +69,6 @@ def export_hf(model: str | Path | Transformer, out_dir: str | Path, tokenizer: O
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(out_dir)
+
+
+__all__ = ["write_hf", "hf_config", "hf_state"]

@@ -1,9 +1,10 @@
 """Hugging Face model families, mapped onto chatforge's one Transformer.
 
 A family knows two things: how its config.json becomes a ModelConfig (and back), and
-where each chatforge tensor lives in its state dict. That second part is one table,
-{chatforge name: Source}, read in one direction to load and in the other to export,
-so the two can never disagree about a name or a layout.
+where each chatforge tensor lives in its state dict. That second part is one table, a
+WeightMap {chatforge name: Source}, read in one direction to load (formats.hf.read) and in
+the other to export (formats.hf.export), so the two can never disagree about a name or a
+layout. Pure data and config mapping: no file is touched here (sizing uses it too).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def stacked(names: tuple[str, ...], sizes: tuple[int, ...]) -> Source:
     return Source(names, sizes)
 
 
-Plan = dict[str, Source]
+WeightMap = dict[str, Source]  # chatforge tensor name -> where it lives in a Hugging Face state dict
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Family:
     architecture: str
     prefix: str  # what the *ForCausalLM class puts before the base model's tensor names
     to_config: Callable[[dict[str, Any]], ModelConfig]
-    plan: Callable[[ModelConfig, dict[str, Any]], Plan]
+    plan: Callable[[ModelConfig, dict[str, Any]], WeightMap]
     from_config: Callable[[ModelConfig], dict[str, Any]]
     ignored: tuple[str, ...] = ()  # suffixes of buffers some files carry that are not weights
 
@@ -157,10 +158,10 @@ def neo_to_config(hf: dict[str, Any]) -> ModelConfig:
         sliding_window=hf.get("window_size", 256) if local else None, local_layers=local or None)
 
 
-def gpt_plan(config: ModelConfig, hf: dict[str, Any]) -> Plan:
+def gpt_plan(config: ModelConfig, hf: dict[str, Any]) -> WeightMap:
     neo = hf.get("model_type") == "gpt_neo"
     t = "transformer."
-    plan: Plan = {"wte.weight": one(t + "wte.weight"), "wpe.weight": one(t + "wpe.weight"),
+    plan: WeightMap = {"wte.weight": one(t + "wte.weight"), "wpe.weight": one(t + "wpe.weight"),
                   "norm_f.weight": one(t + "ln_f.weight"), "norm_f.bias": one(t + "ln_f.bias")}
     d = config.n_embd
     for i in range(config.n_layer):
@@ -233,12 +234,12 @@ def llama_to_config(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=hf.get("tie_word_embeddings", False), sliding_window=window, local_layers=local)
 
 
-def llama_plan(config: ModelConfig, hf: dict[str, Any]) -> Plan:
+def llama_plan(config: ModelConfig, hf: dict[str, Any]) -> WeightMap:
     kind = hf.get("model_type")
     qkv_bias = kind == "qwen2" or (kind == "llama" and bool(hf.get("attention_bias")))
     o_bias = kind == "llama" and bool(hf.get("attention_bias"))
     mlp_bias = kind == "llama" and bool(hf.get("mlp_bias"))
-    plan: Plan = {"wte.weight": one("model.embed_tokens.weight"), "norm_f.weight": one("model.norm.weight")}
+    plan: WeightMap = {"wte.weight": one("model.embed_tokens.weight"), "norm_f.weight": one("model.norm.weight")}
     q, kv, ffn = config.n_head * config.dim_head, config.kv_heads * config.dim_head, config.ffn_dim
     for i in range(config.n_layer):
         ours, a, m = f"blocks.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."

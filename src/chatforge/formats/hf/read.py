@@ -1,27 +1,28 @@
-"""Hugging Face model directories and Hub ids -> chatforge's Transformer and Tokenizer.
+"""Hugging Face model directories -> chatforge's Transformer and Tokenizer.
 
 No transformers modeling code runs: config.json becomes a ModelConfig, the model is built
 on the meta device (no memory), and each weight is read, renamed, reshaped and converted
-to the target dtype straight into the tensor the model adopts.
+to the target dtype straight into the tensor the model adopts. Part of formats/ (file
+layouts only): chatforge.loader decides device, dtype and quantization and calls `read_hf`;
+Hub ids become directories in formats.hf.hub.
 """
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from chatforge.formats.checkpoint import build_model, check_tokenizer, load_checkpoint, model_state, read_config_json
+from chatforge.config import ModelConfig
 from chatforge.errors import ChatforgeError, CheckpointError, ConfigError
+from chatforge.formats.checkpoint import build_model, check_tokenizer, meta_model, model_state, read_config_json
+from chatforge.formats.hf.families import FAMILIES, SUPPORTED, Family, Source, WeightMap
+from chatforge.formats.safetensors import Weights
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.formats.hf.families import FAMILIES, SUPPORTED, Family, Plan, Source
-from chatforge.formats.safetensors import Weights
-
-_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from chatforge.utils import DTYPES
 
 
 def family_of(hf: dict[str, Any], directory: Path) -> Family:
@@ -32,13 +33,15 @@ def family_of(hf: dict[str, Any], directory: Path) -> Family:
     return FAMILIES[kind]
 
 
-def load_hf(path: str | Path, device: str | torch.device = "cpu",
+def read_hf(path: str | Path, device: str | torch.device = "cpu",
             dtype: Optional[torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer of a local Hugging Face model directory (or a chatforge checkpoint)."""
+    """Model and tokenizer of a local Hugging Face model directory, in `dtype` (default: as stored).
+
+    A reader of this one layout; `chatforge.loader.load` is what users call (it sends chatforge
+    checkpoints to formats.checkpoint and Hub ids through formats.hf.hub).
+    """
     directory = Path(path).expanduser()
     hf = read_config_json(directory)
-    if hf.get("model_type", "chatforge") == "chatforge":
-        return load_checkpoint(directory, device=device, dtype=dtype)
     family = family_of(hf, directory)
     try:
         config = family.to_config(hf)
@@ -48,24 +51,24 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu",
     state = gather(family.plan(config, hf), config, weights, dtype or _stored_dtype(hf, weights), family)
     del weights  # a .bin memory map now lives on only through the tensors adopted as they were
     model = build_model(config, state, device=device, source=str(directory))
-    tokenizer = load_hf_tokenizer(directory)
+    tokenizer = read_hf_tokenizer(directory)
     check_tokenizer(tokenizer, config, str(directory))
     return model, tokenizer
 
 
 def _stored_dtype(hf: dict[str, Any], weights: Weights) -> torch.dtype:
     """The dtype the checkpoint was saved in: config.json's (torch_)dtype, else its first float tensor's."""
-    named = _DTYPE_NAMES.get(hf.get("dtype") or hf.get("torch_dtype"))
+    named = DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"))
     if named is not None:
         return named
     floats = [weights.dtype(n) for n in sorted(weights.names()) if weights.dtype(n).is_floating_point]
     return floats[0] if floats else torch.float32
 
 
-def gather(plan: Plan, config, weights: Weights, dtype: torch.dtype, family: Family) -> dict[str, torch.Tensor]:
+def gather(plan: WeightMap, config: ModelConfig, weights: Weights, dtype: torch.dtype,
+           family: Family) -> dict[str, torch.Tensor]:
     """chatforge's state dict built from the Hugging Face tensors, every name and shape checked first."""
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in model_state(Transformer(config)).items()}
+    shapes = {k: tuple(v.shape) for k, v in model_state(meta_model(config)).items()}
     where = weights.directory
     for ours, src in plan.items():
         for name, shape in zip(src.names, part_shapes(shapes[ours], src)):
@@ -108,7 +111,7 @@ def part_shapes(shape: tuple[int, ...], src: Source) -> list[tuple[int, ...]]:
 
 # --- tokenizers ---------------------------------------------------------------------------
 
-def load_hf_tokenizer(directory: Path) -> Tokenizer:
+def read_hf_tokenizer(directory: Path) -> Tokenizer:
     """tokenizer.json, or GPT-2-style vocab.json + merges.txt; the chat template from wherever it is kept."""
     if (directory / "tokenizer.json").is_file():
         tok = Tokenizer.load(directory)
@@ -156,67 +159,4 @@ def _byte_level_bpe(directory: Path) -> Tokenizer:
         return Tokenizer.load(tmp)
 
 
-# --- Hub ids --------------------------------------------------------------------------------
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face cache, from the environment as it is now (huggingface_hub reads it once, at import)."""
-    env = os.environ
-    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(key):
-            return Path(env[key]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "huggingface" / "hub"
-
-
-def _offline() -> bool:
-    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def resolve_hub_id(repo_id: str, revision: Optional[str] = None) -> Path:
-    """Local snapshot directory of a Hub model: the cache first, then a download when allowed."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ChatforgeError(f"loading {repo_id!r} from the Hugging Face Hub needs huggingface_hub: "
-                             "pip install huggingface_hub") from None
-    cache = hub_cache_dir()
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
-    except ValueError as e:  # HFValidationError: not a valid repo id
-        if type(e).__name__ == "HFValidationError":
-            raise ChatforgeError(f"{repo_id!r} is not a valid Hugging Face model id ({e})") from None
-    except Exception:  # not in the cache (LocalEntryNotFoundError and friends)
-        pass
-    if _offline():
-        why = "offline mode is on (HF_HUB_OFFLINE)"
-    else:
-        try:
-            return _download(snapshot_download, repo_id, revision, cache)
-        except Exception as e:  # no network, unknown or gated repo: all end in the same advice
-            why = f"the download failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-    raise ChatforgeError(
-        f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and {why}; download it with "
-        f"`hf download {repo_id}` (or `huggingface-cli download {repo_id}`), or set HF_HOME / HF_HUB_CACHE "
-        "to the cache that holds it")
-
-
-def _download(snapshot_download, repo_id: str, revision: Optional[str], cache: Path) -> Path:
-    """Configs, tokenizer and safetensors weights; the legacy .bin only when there are no safetensors."""
-    common = ["*.json", "*.txt", "*.jinja"]
-    path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache,
-                                  allow_patterns=common + ["*.safetensors"]))
-    if not any(path.glob("*.safetensors")):
-        path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache,
-                                      allow_patterns=common + ["pytorch_model*.bin"]))
-    return path
-
-
-def load_hf_id(repo_id: str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
-               revision: Optional[str] = None) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer of a Hugging Face Hub id such as "EleutherAI/gpt-neo-1.3B"."""
-    return load_hf(resolve_hub_id(repo_id, revision), device=device, dtype=dtype)
-
-
-__all__ = ["load_hf", "load_hf_id", "resolve_hub_id", "hub_cache_dir", "load_hf_tokenizer"]
+__all__ = ["read_hf", "read_hf_tokenizer", "family_of"]
