@@ -15,7 +15,8 @@ from typing import Any, Optional
 from chatforge.errors import ConfigError
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
-MLP_TYPES = ("gelu", "gelu_tanh", "relu", "swiglu")
+MLP_TYPES = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh")
+ROPE_TYPES = ("linear", "llama3")  # rope_scaling["rope_type"] values the rotary encoding implements
 NORM_TYPES = ("layernorm", "rmsnorm")
 TASKS = ("lm", "classify")
 POOLINGS = ("cls", "last", "mean")
@@ -35,9 +36,17 @@ class ModelConfig:
     intermediate_size: Optional[int] = None  # MLP width; None = 4*n_embd (gelu) or ~8/3*n_embd (swiglu)
     pos_encoding: str = "learned"  # learned | sinusoidal | rope | none
     rope_theta: float = 10000.0
-    mlp: str = "gelu"  # gelu | gelu_tanh | relu | swiglu
+    # Hugging Face's rope_scaling dict: {"rope_type": "linear", "factor"} or {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None = plain rotary
+    rope_scaling: Optional[dict[str, Any]] = None
+    rope_local_theta: Optional[float] = None  # rotary base of the sliding-window layers (Gemma 3); None = rope_theta
+    mlp: str = "gelu"  # gelu | gelu_tanh | relu | swiglu | geglu_tanh (gated, GELU-tanh gate: Gemma)
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), its weight stored around 0 (Gemma)
+    sandwich_norm: bool = False  # also a norm on the attention's and the MLP's output, before the residual add (Gemma 3)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys, before the rotary encoding (Qwen3, Gemma 3)
+    embd_scale: Optional[float] = None  # token embeddings multiplied by this (Gemma: sqrt(n_embd)); None = 1
     bias: bool = True  # biases in linear layers and norms
     qkv_bias: Optional[bool] = None  # override for the q/k/v projections (GPT-Neo: False, Qwen2: True)
     tie_embeddings: bool = True  # output head shares the token embedding matrix
@@ -107,6 +116,8 @@ class ModelConfig:
             raise ConfigError(f"rotary encoding needs an even head dimension, got {self.dim_head}")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"sinusoidal encoding needs an even n_embd, got {self.n_embd}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         if self.mlp not in MLP_TYPES:
             raise ConfigError(f"mlp must be one of {', '.join(MLP_TYPES)}, got {self.mlp!r}")
         if self.norm not in NORM_TYPES:
@@ -161,6 +172,21 @@ class ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling must be a dict like {{'rope_type': 'linear', 'factor': 2.0}}, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"rope_scaling type {kind!r} is not implemented; chatforge's rotary encoding does "
+                          f"{', '.join(ROPE_TYPES)}")
+    need = ["factor"] + (["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+                         if kind == "llama3" else [])
+    for key in need:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"rope_scaling[{key!r}] must be a positive number for {kind} scaling, got {value!r}")
 
 
 def _divisor_near(n: int, target: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from typing import Any, Optional, Sequence
 
@@ -17,6 +18,8 @@ def _flag_type(hint: Any) -> tuple[Any, dict]:
         return inner, {"nargs": "+"}
     if hint is bool:
         return None, {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is dict:  # e.g. --rope-scaling '{"rope_type": "linear", "factor": 2}'
+        return json.loads, {}
     return hint, {}
 
 
