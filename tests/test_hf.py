@@ -351,7 +351,7 @@ def test_missing_shard_and_missing_weights(tok, tmp_path):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 8.0}}, "rope scaling 'dynamic'"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope scaling 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
 ])

@@ -81,7 +81,7 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         if self.intermediate_size:
             return self.intermediate_size
-        if self.mlp == "swiglu":  # keep the parameter count of a 4x GELU MLP, rounded to 64
+        if self.mlp in ("swiglu", "geglu_tanh"):  # gated: keep the parameter count of a 4x GELU MLP, rounded to 64
             return 64 * ((int(8 * self.n_embd / 3) + 63) // 64)
         return 4 * self.n_embd
 
@@ -118,6 +118,17 @@ class ModelConfig:
             raise ConfigError(f"sinusoidal encoding needs an even n_embd, got {self.n_embd}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
+        for name in ("rope_scaling", "rope_local_theta"):
+            if getattr(self, name) is not None and self.pos_encoding != "rope":
+                raise ConfigError(f"{name} changes the rotary encoding, which needs pos_encoding='rope', "
+                                  f"not {self.pos_encoding!r}")
+        for name in ("rope_local_theta", "embd_scale"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"{name} must be a positive number or None, got {value!r}")
+        if self.norm_plus_one and self.norm != "rmsnorm":
+            raise ConfigError(f"norm_plus_one scales an RMSNorm by (1 + weight); it needs norm='rmsnorm', "
+                              f"not {self.norm!r}")
         if self.mlp not in MLP_TYPES:
             raise ConfigError(f"mlp must be one of {', '.join(MLP_TYPES)}, got {self.mlp!r}")
         if self.norm not in NORM_TYPES:
@@ -187,6 +198,9 @@ def _check_rope_scaling(scaling: Any) -> None:
         value = scaling.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"rope_scaling[{key!r}] must be a positive number for {kind} scaling, got {value!r}")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ConfigError("rope_scaling['high_freq_factor'] must be larger than its 'low_freq_factor' for llama3 "
+                          f"scaling, got {scaling['high_freq_factor']} and {scaling['low_freq_factor']}")
 
 
 def _divisor_near(n: int, target: int) -> int:

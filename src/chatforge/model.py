@@ -1,11 +1,12 @@
 """The Transformer: one class for GPT-, Llama- and BERT-style models.
 
 Read top to bottom: positional encodings, normalisation, attention, MLP, block, model.
-Every option (rotary or sinusoidal positions, grouped-query heads, sliding windows,
-SwiGLU, RMSNorm, bidirectional attention) lives in ModelConfig, so a checkpoint from
-any of those families runs on this one file. Part of the core layer (it imports only
-config and errors): LoRA and quantized layers replace its Linears from above
-(chatforge.lora, chatforge.quantize) without this file naming them.
+Every option (rotary or sinusoidal positions, rotary scaling, grouped-query heads, sliding
+windows with their own rotary base, q/k norms, SwiGLU or GeGLU, RMSNorm with a (1 + w) scale,
+norms around each branch, a scaled embedding, bidirectional attention) lives in ModelConfig,
+so a checkpoint of GPT-2, Llama 3, Qwen3, Gemma 3, Phi-3 or BERT runs on this one file.
+Part of the core layer (it imports only config and errors): LoRA and quantized layers replace
+its Linears from above (chatforge.lora, chatforge.quantize) without this file naming them.
 """
 from __future__ import annotations
 
@@ -34,9 +35,35 @@ def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return pe.flatten(-2)
 
 
-def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(dim: int, theta: float, scaling: Optional[dict] = None,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
+    """The rotary pairs' angular speeds theta^(-2i/dim), stretched as a long-context checkpoint asks.
+
+    linear: every frequency divided by `factor`, so `factor` times more positions fit in the angles
+    the model was trained on. llama3 (Llama 3.1+): only the slow pairs are stretched. Pairs whose
+    wavelength is short next to the original context (< original / high_freq_factor) never saw it
+    wrap and stay as they are; long ones (> original / low_freq_factor) are divided by `factor`; the
+    band between is blended linearly in original / wavelength, so no pair jumps.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        return inv_freq / factor
+    original = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)  # 0 at the slow edge of the band, 1 at the fast one
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    stretched = torch.where(wavelength > original / low, inv_freq / factor, blended)
+    return torch.where(wavelength < original / high, inv_freq, stretched)
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float,
+                 scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for rotary embeddings, in the half-split layout Llama checkpoints use."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.int64).float() / dim))
+    inv_freq = rope_frequencies(dim, theta, scaling, positions.device)
     freqs = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos()[:, None], emb.sin()[:, None]  # (B, 1, T, dim) broadcast over heads
@@ -52,22 +79,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --- normalisation -------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 for stability under bf16."""
+    """x / rms(x) * weight, computed in fp32 for stability under bf16.
 
-    def __init__(self, dim: int, eps: float):
+    plus_one (Gemma): the scale is (1 + weight), its weight stored around 0 rather than 1. Gemma
+    also applies it before going back to the input's dtype, Llama after; in fp32 the two agree.
+    """
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, config.norm_eps)
+        return RMSNorm(config.n_embd, config.norm_eps, config.norm_plus_one)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
@@ -142,7 +175,11 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: Optional[t
 
 
 class Attention(nn.Module):
-    """Multi-head scaled dot-product self-attention, softmax(QK^T * scale) V, with grouped K/V heads."""
+    """Multi-head scaled dot-product self-attention, softmax(QK^T * scale) V, with grouped K/V heads.
+
+    With qk_norm (Qwen3, Gemma 3) each head's queries and keys are RMS-normalised before the
+    rotation: the logits' size then no longer grows with the activations', which keeps training stable.
+    """
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -153,6 +190,11 @@ class Attention(nn.Module):
         self.layer = layer
         qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
         self.qkv = Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=qkv_bias)
+        if config.qk_norm:  # one weight of head_dim shared by every head
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_plus_one)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_plus_one)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
         self.proj = Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
@@ -163,8 +205,10 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if ctx.rope is not None:
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        q, k = self.q_norm(q), self.k_norm(k)
+        rope = ctx.rope_for(self.window)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
 
@@ -211,14 +255,19 @@ class Attention(nn.Module):
 
 # --- feed-forward ---------------------------------------------------------------------------
 
+# gated MLPs: act(gate) * up, the gate's activation by mlp name
+GATES = {"swiglu": F.silu, "geglu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (GPT, BERT) or SwiGLU (Llama), gate and up fused in one matmul."""
+    """Position-wise feed-forward: GELU (GPT, BERT), or gated: SwiGLU (Llama) or GeGLU-tanh (Gemma),
+    with gate and up fused in one matmul."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.kind = config.mlp
         hidden = config.ffn_dim
-        self.fc = Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        self.fc = Linear(config.n_embd, 2 * hidden if self.kind in GATES else hidden, bias=config.bias)
         self.proj = Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,9 +275,9 @@ class MLP(nn.Module):
         if fused is not None and self.kind in ("gelu", "gelu_tanh"):
             return self.proj(fused(x, "tanh" if self.kind == "gelu_tanh" else "none"))
         h = self.fc(x)
-        if self.kind == "swiglu":
+        if self.kind in GATES:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = GATES[self.kind](gate) * up
         elif self.kind == "gelu":
             h = F.gelu(h)
         elif self.kind == "gelu_tanh":
@@ -239,19 +288,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    sandwich_norm (Gemma 3) also normalises each branch's output before it is added, x + norm(attn(norm(x))):
+    no branch can then swamp the residual stream, whatever its weights.
+    """
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        sandwich = config.sandwich_norm
         self.norm1 = make_norm(config)
         self.attn = Attention(config, layer)
+        self.post_attn_norm = make_norm(config) if sandwich else nn.Identity()
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
+        self.post_mlp_norm = make_norm(config) if sandwich else nn.Identity()
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), ctx))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        x = x + self.drop(self.post_attn_norm(self.attn(self.norm1(x), ctx)))
+        return x + self.drop(self.post_mlp_norm(self.mlp(self.norm2(x))))
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -259,13 +315,18 @@ class Block(nn.Module):
 class ForwardContext:
     """What every layer of one forward pass shares: positions, rotary tables, masks, the cache."""
 
-    def __init__(self, positions, rope, cache, key_pos, key_valid, causal, padded, want_weights):
-        self.positions, self.rope, self.cache = positions, rope, cache
+    def __init__(self, positions, rope, rope_local, cache, key_pos, key_valid, causal, padded, want_weights):
+        self.positions, self.rope, self.rope_local, self.cache = positions, rope, rope_local, cache
         self.key_pos, self.key_valid = key_pos, key_valid
         self.causal, self.padded = causal, padded
         self.want_weights = want_weights
         self.attn_weights: list[torch.Tensor] = []
         self._masks: dict[Optional[int], Optional[torch.Tensor]] = {}
+
+    def rope_for(self, window: Optional[int]):
+        """The rotary (cos, sin) of a layer: sliding-window layers have their own when the model gives
+        them their own base (Gemma 3: 10k locally, 1M globally); None without rotary positions."""
+        return self.rope_local if window is not None and self.rope_local is not None else self.rope
 
     def mask_for(self, window: Optional[int]) -> Optional[torch.Tensor]:
         """None when SDPA's own causal (or no) mask is exact: plain training, and decoding an unpadded batch."""
@@ -397,35 +458,42 @@ class Transformer(nn.Module):
 
     def _embed(self, idx, positions, attention_mask, token_type_ids, cache, want_weights):
         B, T = idx.shape
+        cfg = self.config
         if positions is None:
-            if attention_mask is not None and self.config.causal:  # left padding: count real tokens
+            if attention_mask is not None and cfg.causal:  # left padding: count real tokens
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
                 positions = torch.arange(T, device=idx.device).expand(B, T)
             if cache is not None:
                 positions = positions + cache.next_position()[:, None]
-        if self.wpe is not None and int(positions.max()) >= self.config.block_size:
+        if self.wpe is not None and int(positions.max()) >= cfg.block_size:
             raise ChatforgeError(
                 f"sequence reaches position {int(positions.max()) + 1} but the model's context is "
-                f"{self.config.block_size} tokens; shorten the input or lower max_new_tokens")
+                f"{cfg.block_size} tokens; shorten the input or lower max_new_tokens")
         x = self.wte(idx)
+        if cfg.embd_scale is not None:
+            # Gemma: sqrt(n_embd), rounded to the embeddings' dtype as Gemma itself does (33.94 is 34.0 in bf16)
+            x = x * torch.tensor(cfg.embd_scale, dtype=x.dtype, device=x.device)
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        elif self.config.pos_encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(positions, self.config.n_embd).to(x.dtype)
+        elif cfg.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_encoding(positions, cfg.n_embd).to(x.dtype)
         if self.wtt is not None:
             x = x + self.wtt(token_type_ids if token_type_ids is not None else torch.zeros_like(idx))
         if self.embd_norm is not None:
             x = self.embd_norm(x)
         x = self.drop(x)
 
-        rope = None
-        if self.config.pos_encoding == "rope":
-            rope = rope_cos_sin(positions, self.config.dim_head, self.config.rope_theta)
+        rope = rope_local = None
+        if cfg.pos_encoding == "rope":
+            rope = rope_cos_sin(positions, cfg.dim_head, cfg.rope_theta, cfg.rope_scaling)
+            if cfg.rope_local_theta is not None and cfg.sliding_window is not None:
+                # sliding-window layers never see far, so their rotary is plain: no long-context scaling
+                rope_local = rope_cos_sin(positions, cfg.dim_head, cfg.rope_local_theta)
         padded = attention_mask is not None and not bool(attention_mask.all())
         if cache is not None:
             key_pos, key_valid = cache.reserve(positions, attention_mask)
         else:
             key_pos, key_valid = positions, attention_mask if padded else None
-        ctx = ForwardContext(positions, rope, cache, key_pos, key_valid, self.config.causal, padded, want_weights)
-        return x, ctx
+        return x, ForwardContext(positions, rope, rope_local, cache, key_pos, key_valid, cfg.causal, padded,
+                                 want_weights)

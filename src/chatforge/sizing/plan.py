@@ -163,19 +163,23 @@ def _from_count(n: int, name: str) -> ModelSpec:
 
 # --- parameters -----------------------------------------------------------------------------------
 
+GATED = ("swiglu", "geglu_tanh")  # MLPs whose first matrix is gate and up together
+
+
 def count_params(cfg: ModelConfig) -> int:
     """Parameters of Transformer(cfg), counted from the config (a tied output head counts once)."""
     C, V = cfg.n_embd, cfg.vocab_size
     norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
     q, kv, f = cfg.n_head * cfg.dim_head, cfg.kv_heads * cfg.dim_head, cfg.ffn_dim
-    fc_out = 2 * f if cfg.mlp == "swiglu" else f  # SwiGLU's gate and up projections are one matrix
+    fc_out = 2 * f if cfg.mlp in GATED else f  # a gated MLP's gate and up projections are one matrix
 
     def linear(n_in: int, n_out: int, bias: bool) -> int:
         return n_in * n_out + (n_out if bias else 0)
 
-    block = (2 * norm + linear(C, q + 2 * kv, qkv_bias) + linear(q, C, cfg.bias)
+    block = ((4 if cfg.sandwich_norm else 2) * norm + linear(C, q + 2 * kv, qkv_bias) + linear(q, C, cfg.bias)
              + linear(C, fc_out, cfg.bias) + linear(f, C, cfg.bias))
+    block += 2 * cfg.dim_head if cfg.qk_norm else 0  # one RMSNorm weight each for queries and keys
     n = V * C + cfg.n_layer * block + norm  # token embeddings, blocks, final norm
     n += cfg.block_size * C if cfg.pos_encoding == "learned" else 0
     n += cfg.type_vocab_size * C + (norm if cfg.embd_norm else 0)
@@ -212,7 +216,7 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, act_bytes: int) -> 
     """
     C, q, kv, f = cfg.n_embd, cfg.n_head * cfg.dim_head, cfg.kv_heads * cfg.dim_head, cfg.ffn_dim
     attention = (q + 2 * kv) * (2 if cfg.pos_encoding == "rope" else 1) + 2 * q
-    per_layer = 4 * C + attention + (4 * f if cfg.mlp == "swiglu" else 2 * f)
+    per_layer = 4 * C + attention + (4 * f if cfg.mlp in GATED else 2 * f)
     tokens = batch * seq
     if cfg.task == "classify":
         logits = batch * cfg.num_labels * 12

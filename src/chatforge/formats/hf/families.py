@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from chatforge.config import ModelConfig
+from chatforge.config import ROPE_TYPES, ModelConfig
 from chatforge.errors import ChatforgeError, CheckpointError
 
 
@@ -51,7 +51,7 @@ class Family:
     prefix: str  # what the *ForCausalLM class puts before the base model's tensor names
     to_config: Callable[[dict[str, Any]], ModelConfig]
     plan: Callable[[ModelConfig, dict[str, Any]], WeightMap]
-    from_config: Callable[[ModelConfig], dict[str, Any]]
+    from_config: Optional[Callable[[ModelConfig], dict[str, Any]]]  # None: export_family never picks it
     ignored: tuple[str, ...] = ()  # suffixes of buffers some files carry that are not weights
 
 
@@ -81,32 +81,56 @@ def _activation(hf: dict[str, Any], key: str, default: str) -> str:
     return _ACTIVATIONS[act]
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """Plain RoPE only: rope_theta from either the transformers 4 or the transformers 5 spelling."""
+def _rope(hf: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
+    """(rope_theta, rope_scaling) from either the transformers 4 or the transformers 5 spelling.
+
+    transformers 4 writes rope_theta and a rope_scaling dict; 5 writes one rope_parameters dict
+    holding both. Where a file has both, rope_scaling wins, as transformers 5 itself decides.
+    """
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for spec in (params, scaling):
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind != "default":
-            raise unsupported(hf, f"rope scaling {kind!r}")
-    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    spec = hf.get("rope_scaling") or params
+    partial = spec.get("partial_rotary_factor", params.get("partial_rotary_factor", hf.get("partial_rotary_factor")))
+    if partial not in (None, 1.0):
         raise unsupported(hf, "partial rotary embeddings (partial_rotary_factor)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = spec.get("rope_theta", hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    return float(theta), _rope_scaling(hf, spec)
+
+
+def _rope_scaling(hf: dict[str, Any], spec: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """chatforge's rope_scaling for one Hugging Face rope dict: None for plain rotary, else its type and numbers
+    (ModelConfig checks that they are all there)."""
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ROPE_TYPES:
+        raise unsupported(hf, f"rope scaling {kind!r}")
+    keys = ("factor",) + (("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                          if kind == "llama3" else ())
+    return {"rope_type": kind, **{key: spec.get(key) for key in keys}}
 
 
 def _windows(hf: dict[str, Any], n_layer: int) -> tuple[Optional[int], Optional[list[int]]]:
     """Sliding window and the layers that use it, from layer_types or the family's own switch."""
+    kind = hf.get("model_type")
     window = hf.get("sliding_window")
     types = hf.get("layer_types")
     if types is not None:
         unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
         if unknown:
             raise unsupported(hf, f"attention layer types {', '.join(unknown)}")
+        if len(types) != n_layer:
+            raise CheckpointError(f"config.json lists {len(types)} layer_types for {n_layer} layers")
+    if kind in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+        return None, None  # Qwen keeps a sliding_window number that only use_sliding_window switches on
+    if types is not None:
         local = [i for i, t in enumerate(types) if t == "sliding_attention"]
-    elif hf.get("model_type") == "mistral":
+    elif kind in ("mistral", "phi3"):
         local = list(range(n_layer))
-    elif hf.get("model_type") == "qwen2" and hf.get("use_sliding_window"):
+    elif kind in ("qwen2", "qwen3"):
         local = list(range(hf.get("max_window_layers", 0), n_layer))
+    elif kind == "gemma3_text":  # before layer_types: every pattern-th layer global, the others sliding
+        pattern = hf.get("sliding_window_pattern", 6)
+        local = [i for i in range(n_layer) if (i + 1) % pattern]
     else:
         local = []
     if not local or window is None:
@@ -206,50 +230,131 @@ def neo_from_config(config: ModelConfig) -> dict[str, Any]:
             "resid_dropout": p}
 
 
-# --- Llama, Mistral, Qwen2 ---------------------------------------------------------------
+# --- Llama-style decoders: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3 --------------------------
 
-def llama_to_config(hf: dict[str, Any]) -> ModelConfig:
+def _biases(hf: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """Whether the q/k/v projections, o_proj and the MLP of a Llama-style family have biases."""
     kind = hf.get("model_type")
-    act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise unsupported(hf, f"activation {act!r} (hidden_act); chatforge's SwiGLU uses silu")
     if kind == "qwen2":
-        qkv_bias, o_bias, mlp_bias = True, False, False
-    elif kind == "llama":
-        qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-        mlp_bias = bool(hf.get("mlp_bias", False))
-    else:
-        qkv_bias = o_bias = mlp_bias = False
+        return True, False, False
+    attention = kind in ("llama", "qwen3", "gemma3_text") and bool(hf.get("attention_bias", False))
+    return attention, attention, kind == "llama" and bool(hf.get("mlp_bias", False))
+
+
+def _decoder(hf: dict[str, Any], *, head_dim: Optional[int] = None, **options: Any) -> ModelConfig:
+    """The ModelConfig of a Llama-style decoder; `options` are what its family does differently."""
     n_embd, n_head = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
     n_layer = _need(hf, "num_hidden_layers")
     window, local = _windows(hf, n_layer)
-    return ModelConfig(
+    qkv_bias, o_bias, mlp_bias = _biases(hf)
+    base = dict(
         vocab_size=_need(hf, "vocab_size"), block_size=_need(hf, "max_position_embeddings"), n_layer=n_layer,
         n_head=n_head, n_embd=n_embd, n_kv_head=hf.get("num_key_value_heads") or n_head,
-        head_dim=hf.get("head_dim") or n_embd // n_head, intermediate_size=_need(hf, "intermediate_size"),
-        pos_encoding="rope", rope_theta=_rope_theta(hf), mlp="swiglu", norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        head_dim=hf.get("head_dim") or head_dim or n_embd // n_head, intermediate_size=_need(hf, "intermediate_size"),
+        pos_encoding="rope", mlp="swiglu", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
         # one `bias` switch covers o_proj and the MLP: a layer that lacks one of them loads zeros there
         bias=o_bias or mlp_bias, qkv_bias=qkv_bias,
         tie_embeddings=hf.get("tie_word_embeddings", False), sliding_window=window, local_layers=local)
+    return ModelConfig(**{**base, **options})
+
+
+def _silu(hf: dict[str, Any]) -> None:
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise unsupported(hf, f"activation {act!r} (hidden_act); chatforge's SwiGLU uses silu")
+
+
+def llama_to_config(hf: dict[str, Any]) -> ModelConfig:
+    """Llama (2, 3.x with its llama3 rope scaling), Mistral, Qwen2."""
+    _silu(hf)
+    theta, scaling = _rope(hf)
+    return _decoder(hf, rope_theta=theta, rope_scaling=scaling)
+
+
+def qwen3_to_config(hf: dict[str, Any]) -> ModelConfig:
+    """Qwen3: Qwen2 without q/k/v biases, with an RMSNorm over each head's queries and keys; its
+    head_dim (128 unless the file says) need not be hidden_size / heads."""
+    _silu(hf)
+    theta, scaling = _rope(hf)
+    return _decoder(hf, head_dim=128, rope_theta=theta, rope_scaling=scaling, qk_norm=True)
+
+
+def phi3_to_config(hf: dict[str, Any]) -> ModelConfig:
+    """Phi-3 (and Phi-3.5/Phi-4-mini where plain rotary): Llama with q/k/v and gate/up fused in the file."""
+    _silu(hf)
+    spec = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    kind = spec.get("rope_type", spec.get("type"))
+    if kind in ("longrope", "su", "yarn"):
+        raise unsupported(hf, f"rope scaling {kind!r} (the 128k-context Phi-3 models; the 4k ones use plain rotary)")
+    theta, scaling = _rope(hf)
+    return _decoder(hf, rope_theta=theta, rope_scaling=scaling)
+
+
+def _gemma3_rope(hf: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]], float]:
+    """(global theta, global scaling, sliding-window theta). transformers 5 writes one rope dict per layer type;
+    4 wrote rope_theta + rope_scaling for the global layers and rope_local_base_freq for the sliding ones."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full, local = dict(params.get("full_attention") or {}), params.get("sliding_attention") or {}
+    else:
+        full, local = dict(params), {}
+    full.update(hf.get("rope_scaling") or {})
+    if _rope_scaling(hf, local) is not None:
+        raise unsupported(hf, "rope scaling on the sliding-window layers (rope_parameters.sliding_attention)")
+    theta = full.get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+    return float(theta), _rope_scaling(hf, full), float(local_theta)
+
+
+def gemma3_to_config(hf: dict[str, Any]) -> ModelConfig:
+    """Gemma 3 text (Gemma3ForCausalLM): embeddings times sqrt(hidden), (1 + w) RMSNorms, a norm before and
+    after both attention and MLP, GeGLU-tanh, q/k norms, query_pre_attn_scalar, and sliding layers with
+    their own rotary base interleaved with global ones."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise unsupported(hf, f"logit soft-capping ({key}={hf[key]})")
+    if hf.get("use_bidirectional_attention"):
+        raise unsupported(hf, "bidirectional attention (use_bidirectional_attention)")
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if _ACTIVATIONS.get(act) != "gelu_tanh":
+        raise unsupported(hf, f"activation {act!r} (hidden_activation); chatforge's GeGLU uses the tanh GELU")
+    theta, scaling, local_theta = _gemma3_rope(hf)
+    hf = {"sliding_window": 4096, "num_key_value_heads": 4, **hf}  # Gemma3TextConfig's defaults
+    n_embd = _need(hf, "hidden_size")
+    return _decoder(hf, head_dim=256, mlp="geglu_tanh", rope_theta=theta, rope_scaling=scaling,
+                    rope_local_theta=local_theta, qk_norm=True, norm_plus_one=True, sandwich_norm=True,
+                    embd_scale=n_embd ** 0.5, attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                    tie_embeddings=hf.get("tie_word_embeddings", True))
 
 
 def llama_plan(config: ModelConfig, hf: dict[str, Any]) -> WeightMap:
+    """Where our tensors live in every Llama-style family: the layout is Llama's, plus what the config adds."""
     kind = hf.get("model_type")
-    qkv_bias = kind == "qwen2" or (kind == "llama" and bool(hf.get("attention_bias")))
-    o_bias = kind == "llama" and bool(hf.get("attention_bias"))
-    mlp_bias = kind == "llama" and bool(hf.get("mlp_bias"))
+    qkv_bias, o_bias, mlp_bias = _biases(hf)
     plan: WeightMap = {"wte.weight": one("model.embed_tokens.weight"), "norm_f.weight": one("model.norm.weight")}
     q, kv, ffn = config.n_head * config.dim_head, config.kv_heads * config.dim_head, config.ffn_dim
     for i in range(config.n_layer):
-        ours, a, m = f"blocks.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        plan[ours + "norm1.weight"] = one(f"model.layers.{i}.input_layernorm.weight")
-        plan[ours + "norm2.weight"] = one(f"model.layers.{i}.post_attention_layernorm.weight")
-        for suffix in ("weight", "bias") if qkv_bias else ("weight",):
-            plan[ours + "attn.qkv." + suffix] = stacked(
-                (f"{a}q_proj.{suffix}", f"{a}k_proj.{suffix}", f"{a}v_proj.{suffix}"), (q, kv, kv))
+        ours, layer = f"blocks.{i}.", f"model.layers.{i}."
+        a, m = layer + "self_attn.", layer + "mlp."
+        plan[ours + "norm1.weight"] = one(layer + "input_layernorm.weight")
+        if config.sandwich_norm:  # Gemma 3: post_attention_layernorm is the attention output's norm
+            plan[ours + "post_attn_norm.weight"] = one(layer + "post_attention_layernorm.weight")
+            plan[ours + "norm2.weight"] = one(layer + "pre_feedforward_layernorm.weight")
+            plan[ours + "post_mlp_norm.weight"] = one(layer + "post_feedforward_layernorm.weight")
+        else:
+            plan[ours + "norm2.weight"] = one(layer + "post_attention_layernorm.weight")
+        if kind == "phi3":  # already fused in the file, in our order: q, k, v and gate, up
+            plan[ours + "attn.qkv.weight"] = one(a + "qkv_proj.weight")
+            plan[ours + "mlp.fc.weight"] = one(m + "gate_up_proj.weight")
+        else:
+            for suffix in ("weight", "bias") if qkv_bias else ("weight",):
+                plan[ours + "attn.qkv." + suffix] = stacked(
+                    (f"{a}q_proj.{suffix}", f"{a}k_proj.{suffix}", f"{a}v_proj.{suffix}"), (q, kv, kv))
+            plan[ours + "mlp.fc.weight"] = stacked((m + "gate_proj.weight", m + "up_proj.weight"), (ffn, ffn))
+        if config.qk_norm:
+            plan[ours + "attn.q_norm.weight"] = one(a + "q_norm.weight")
+            plan[ours + "attn.k_norm.weight"] = one(a + "k_norm.weight")
         plan[ours + "attn.proj.weight"] = one(a + "o_proj.weight")
-        plan[ours + "mlp.fc.weight"] = stacked((m + "gate_proj.weight", m + "up_proj.weight"), (ffn, ffn))
         plan[ours + "mlp.proj.weight"] = one(m + "down_proj.weight")
         if config.bias:
             plan[ours + "attn.proj.bias"] = one(a + "o_proj.bias") if o_bias else ZEROS
@@ -261,25 +366,61 @@ def llama_plan(config: ModelConfig, hf: dict[str, Any]) -> WeightMap:
     return plan
 
 
+def _rope_json(config: ModelConfig) -> dict[str, Any]:
+    """The rope dict transformers 5 reads (rope_parameters), with its type and theta."""
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    rest = {k: v for k, v in scaling.items() if k not in ("rope_type", "type")}
+    return {"rope_type": kind, **rest, "rope_theta": config.rope_theta}
+
+
+def _layer_types(config: ModelConfig) -> list[str]:
+    return ["sliding_attention" if config.layer_window(i) else "full_attention" for i in range(config.n_layer)]
+
+
 def _llama_from_config(kind: str) -> Callable[[ModelConfig], dict[str, Any]]:
     def convert(config: ModelConfig) -> dict[str, Any]:
+        rope = _rope_json(config)
         out = {"vocab_size": config.vocab_size, "hidden_size": config.n_embd,
                "intermediate_size": config.ffn_dim, "num_hidden_layers": config.n_layer,
                "num_attention_heads": config.n_head, "num_key_value_heads": config.kv_heads,
                "head_dim": config.dim_head, "max_position_embeddings": config.block_size,
                "rms_norm_eps": config.norm_eps, "hidden_act": "silu", "rope_theta": config.rope_theta,
-               "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+               # transformers 4 reads rope_theta + rope_scaling, 5 rope_parameters
+               "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if config.rope_scaling else None,
+               "rope_parameters": rope,
                "tie_word_embeddings": config.tie_embeddings, "attention_dropout": config.dropout,
                "initializer_range": config.init_std}
         if kind == "llama":
             out.update(attention_bias=config.bias, mlp_bias=config.bias)
         elif kind == "mistral":
             out["sliding_window"] = config.sliding_window
+        elif kind == "qwen3":
+            windowed = config.sliding_window is not None
+            out.update(attention_bias=False, use_sliding_window=windowed, sliding_window=config.sliding_window,
+                       max_window_layers=config.n_layer, layer_types=_layer_types(config))
         else:
             out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
         return out
 
     return convert
+
+
+def gemma3_from_config(config: ModelConfig) -> dict[str, Any]:
+    full = _rope_json(config)
+    # sliding layers without a base of their own share the global rotary, scaling included, as ours do
+    local = full if config.rope_local_theta is None else {"rope_type": "default", "rope_theta": config.rope_local_theta}
+    scalar = config.dim_head if config.attn_scale is None else round(config.attn_scale ** -2)
+    return {"vocab_size": config.vocab_size, "hidden_size": config.n_embd, "intermediate_size": config.ffn_dim,
+            "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+            "num_key_value_heads": config.kv_heads, "head_dim": config.dim_head,
+            "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
+            "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar,
+            "sliding_window": config.sliding_window or config.block_size, "layer_types": _layer_types(config),
+            "rope_parameters": {"full_attention": full, "sliding_attention": local},
+            "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
+            "use_bidirectional_attention": False, "tie_word_embeddings": config.tie_embeddings,
+            "attention_dropout": config.dropout, "initializer_range": config.init_std}
 
 
 FAMILIES: dict[str, Family] = {
@@ -291,6 +432,16 @@ FAMILIES: dict[str, Family] = {
                     ignored=("rotary_emb.inv_freq",))
        for kind, arch in (("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
                           ("qwen2", "Qwen2ForCausalLM"))},
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM", "model.", qwen3_to_config, llama_plan, _llama_from_config("qwen3")),
+    "gemma3_text": Family("gemma3_text", "Gemma3ForCausalLM", "model.", gemma3_to_config, llama_plan,
+                          gemma3_from_config),
+    # exported as Llama or Mistral, which compute the same: no from_config
+    "phi3": Family("phi3", "Phi3ForCausalLM", "model.", phi3_to_config, llama_plan, None),
+}
+# model types chatforge knows and refuses, with what to pick instead
+REFUSED = {
+    "gemma3": "is a Gemma 3 vision-language checkpoint (Gemma3ForConditionalGeneration); chatforge reads the "
+              "text-only Gemma 3 models (model_type gemma3_text, Gemma3ForCausalLM: gemma-3-270m, gemma-3-1b)",
 }
 SUPPORTED = tuple(FAMILIES)
 
@@ -317,24 +468,40 @@ def export_family(config: ModelConfig) -> Family:
     if config.pos_encoding == "rope":
         if config.norm != "rmsnorm":
             raise no(f"rope with norm={config.norm!r}: Llama-style models use rmsnorm")
+        gemma = {"mlp='geglu_tanh'": config.mlp == "geglu_tanh", "sandwich_norm": config.sandwich_norm,
+                 "norm_plus_one": config.norm_plus_one, "embd_scale": config.embd_scale is not None}
+        if any(gemma.values()):
+            return _gemma3_export(config, gemma, qkv_bias, no)
         if config.mlp != "swiglu":
             raise no(f"rope with mlp={config.mlp!r}: Llama-style models use swiglu")
         if config.attn_scale is not None and not math.isclose(config.attn_scale, config.dim_head ** -0.5):
             raise no(f"attn_scale={config.attn_scale}: Llama-style models scale by 1/sqrt(head_dim)")
+        local_rope = config.rope_local_theta is not None and (config.rope_local_theta != config.rope_theta
+                                                              or config.rope_scaling is not None)
+        if windowed and local_rope:
+            raise no("rope_local_theta: of the Llama-style models only Gemma 3 gives its sliding-window layers "
+                     "a rotary of their own")
+        if config.qk_norm:  # Qwen3: its attention_bias would put biases on q, k, v and o, but never on the MLP
+            if config.bias or qkv_bias:
+                raise no("qk_norm with biases (bias, qkv_bias): Qwen3, the Llama-style model with q/k norms, has none")
+            return FAMILIES["qwen3"]
         if config.bias and not qkv_bias:
             raise no("bias=True with qkv_bias=False: Llama's attention_bias covers q, k, v and o together")
         if windowed:
             if len(windowed) != config.n_layer:
-                raise no("a sliding window on only some layers (local_layers) of a rope model")
+                raise no("a sliding window on only some layers (local_layers) of a rope model without qk_norm")
             if qkv_bias:
                 raise no("a sliding window together with biases (Mistral has none)")
             return FAMILIES["mistral"]
         return FAMILIES["qwen2" if qkv_bias and not config.bias else "llama"]
+    for option, used in (("qk_norm", config.qk_norm), ("sandwich_norm", config.sandwich_norm),
+                         ("embd_scale", config.embd_scale is not None),
+                         (f"mlp={config.mlp!r}", config.mlp in ("swiglu", "geglu_tanh"))):
+        if used:
+            raise no(f"learned positions with {option}: GPT-2 and GPT-Neo have none (rope models may)")
     # learned positions: GPT-2 or GPT-Neo
     if config.norm != "layernorm":
         raise no(f"learned positions with norm={config.norm!r}: GPT-2 and GPT-Neo use layernorm")
-    if config.mlp == "swiglu":
-        raise no("learned positions with mlp='swiglu': GPT-2 and GPT-Neo use a GELU or ReLU MLP")
     if not config.bias:
         raise no("learned positions with bias=False: GPT-2 and GPT-Neo have biases")
     if config.kv_heads != config.n_head:
@@ -350,3 +517,24 @@ def export_family(config: ModelConfig) -> Family:
     if config.attn_scale not in (None, 1.0) and not math.isclose(config.attn_scale, config.dim_head ** -0.5):
         raise no(f"attn_scale={config.attn_scale}: GPT-2 scales by 1/sqrt(head_dim) or not at all")
     return FAMILIES["gpt2"]
+
+
+def _gemma3_export(config: ModelConfig, gemma: dict[str, bool], qkv_bias: bool,
+                   no: Callable[[str], ChatforgeError]) -> Family:
+    """Gemma 3 text, the one transformers architecture with any of its options: it needs all of them."""
+    missing = [name for name, used in {**gemma, "qk_norm": config.qk_norm}.items() if not used]
+    if missing:
+        present = ", ".join(name for name, used in gemma.items() if used)
+        raise no(f"{present} without {', '.join(missing)}: Gemma 3, the transformers model with "
+                 f"{'that option' if present.count(',') == 0 else 'those options'}, has all of them")
+    if not math.isclose(config.embd_scale, config.n_embd ** 0.5, rel_tol=1e-6):
+        raise no(f"embd_scale={config.embd_scale}: Gemma 3 scales its embeddings by sqrt(n_embd) "
+                 f"({config.n_embd ** 0.5:.6g})")
+    if config.bias or qkv_bias:
+        raise no("biases (bias, qkv_bias) in a Gemma 3-style model: Gemma 3 has none")
+    scale = config.attn_scale if config.attn_scale is not None else config.dim_head ** -0.5
+    scalar = round(scale ** -2)
+    if scalar < 1 or not math.isclose(scale, scalar ** -0.5, rel_tol=1e-6):
+        raise no(f"attn_scale={config.attn_scale}: Gemma 3 scales by query_pre_attn_scalar ** -0.5 with a whole "
+                 "number query_pre_attn_scalar")
+    return FAMILIES["gemma3_text"]

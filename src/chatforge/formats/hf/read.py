@@ -18,7 +18,7 @@ import torch
 from chatforge.config import ModelConfig
 from chatforge.errors import ChatforgeError, CheckpointError, ConfigError
 from chatforge.formats.checkpoint import build_model, check_tokenizer, meta_model, model_state, read_config_json
-from chatforge.formats.hf.families import FAMILIES, SUPPORTED, Family, Source, WeightMap
+from chatforge.formats.hf.families import FAMILIES, REFUSED, SUPPORTED, Family, Source, WeightMap
 from chatforge.formats.safetensors import Weights
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
@@ -27,6 +27,8 @@ from chatforge.utils import DTYPES
 
 def family_of(hf: dict[str, Any], directory: Path) -> Family:
     kind = hf.get("model_type")
+    if kind in REFUSED:
+        raise ChatforgeError(f"{directory} {REFUSED[kind]}")
     if kind not in FAMILIES:
         raise ChatforgeError(f"{directory} holds a {kind!r} model, which chatforge cannot load; supported "
                              f"Hugging Face model types: {', '.join(SUPPORTED)}")
