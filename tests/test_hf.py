@@ -275,7 +275,7 @@ def test_export_carries_tokenizer_and_chat_template(tok, tmp_path):
 
 @pytest.mark.parametrize("options, reason", [
     (dict(pos_encoding="sinusoidal"), "sinusoidal positions have no transformers equivalent"),
-    (dict(causal=False, type_vocab_size=2, embd_norm=True), "causal=False"),
+    (dict(causal=False, type_vocab_size=2, embd_norm=True), "pre-norm blocks (post_norm=False)"),  # BERT's are post-norm
     (dict(pos_encoding="rope"), "norm='layernorm'"),
     (dict(n_kv_head=2), "grouped-query attention"),
     (dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm", bias=False, sliding_window=4, local_layers=[0]),
@@ -307,9 +307,9 @@ def test_directory_without_config(tmp_path):
 
 def test_unsupported_model_type_lists_supported(tmp_path):
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "t5", "hidden_size": 32}))
     msg = one_line_error(loader.load, str(tmp_path / "m"), device="cpu")
-    assert "'bert'" in msg and "gpt2, gpt_neo, llama, mistral, qwen2" in msg
+    assert "'t5'" in msg and "gpt2, gpt_neo, llama, mistral, qwen2" in msg and "bert, roberta, distilbert" in msg
 
 
 def test_weights_that_do_not_fit_the_config(tok, tmp_path):

@@ -18,8 +18,8 @@ POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 MLP_TYPES = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh")
 ROPE_TYPES = ("linear", "llama3")  # rope_scaling["rope_type"] values the rotary encoding implements
 NORM_TYPES = ("layernorm", "rmsnorm")
-TASKS = ("lm", "classify")
-POOLINGS = ("cls", "last", "mean")
+TASKS = ("lm", "classify", "features")
+POOLINGS = ("cls", "last", "mean", "max")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), its weight stored around 0 (Gemma)
     sandwich_norm: bool = False  # also a norm on the attention's and the MLP's output, before the residual add (Gemma 3)
+    post_norm: bool = False  # norm after each residual add, x = norm(x + f(x)), and no final norm (BERT, RoBERTa)
     qk_norm: bool = False  # RMSNorm over each head's queries and keys, before the rotary encoding (Qwen3, Gemma 3)
     embd_scale: Optional[float] = None  # token embeddings multiplied by this (Gemma: sqrt(n_embd)); None = 1
     bias: bool = True  # biases in linear layers and norms
@@ -57,10 +58,16 @@ class ModelConfig:
     causal: bool = True  # False = bidirectional encoder (BERT)
     type_vocab_size: int = 0  # segment (token-type) embeddings, 2 for BERT
     embd_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    position_offset: int = 0  # learned positions start here, padding sits one below (RoBERTa: padding_idx + 1)
+    mlm_head: bool = False  # BERT's masked-LM head: dense + activation + norm, then the vocabulary projection with a bias
     init_std: float = 0.02
     # a sequence-level head (BERT's next-sentence head, a fine-tuned classifier): off for plain LMs
-    task: str = "lm"  # lm: the output is token logits (causal or masked LM) | classify: one label per sequence
-    pooling: str = "cls"  # cls (first token) | last (last real token) | mean: the vector a sequence head reads
+    # lm: the output is token logits (causal or masked LM) | classify: one label per sequence | features: the
+    # output is the final hidden states (an encoder without an LM head: BertModel, sentence-transformers' models)
+    task: str = "lm"
+    pooling: str = "cls"  # cls (first token) | last (last real token) | mean | max: one vector per sequence
+    normalize: bool = False  # sentence embeddings are scaled to unit length (sentence-transformers' Normalize)
+    embed_max_len: Optional[int] = None  # longest input of an embedding (sentence-transformers' max_seq_length); None = block_size
     pooler: bool = False  # dense + tanh over the pooled vector before the classifier (BERT)
     num_labels: int = 0  # > 0: a linear classifier over the pooled vector (2 for next-sentence prediction)
     labels: Optional[list[str]] = None  # the classifier's class names, in label-id order
@@ -141,6 +148,21 @@ class ModelConfig:
             raise ConfigError(f"intermediate_size must be positive, got {self.intermediate_size}")
         if self.type_vocab_size < 0:
             raise ConfigError(f"type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        if self.post_norm and self.sandwich_norm:
+            raise ConfigError("post_norm (a norm after each residual add) and sandwich_norm (norms inside the branches) "
+                              "are two different block layouts; pick one")
+        if not isinstance(self.position_offset, int) or self.position_offset < 0:
+            raise ConfigError(f"position_offset must be a non-negative integer, got {self.position_offset!r}")
+        if self.position_offset and self.pos_encoding != "learned":
+            raise ConfigError(f"position_offset shifts learned positions; it needs pos_encoding='learned', "
+                              f"not {self.pos_encoding!r}")
+        if self.mlm_head and self.mlp not in ("gelu", "gelu_tanh", "relu"):
+            raise ConfigError(f"the masked-LM head's transform uses the MLP's activation, which must be gelu, gelu_tanh "
+                              f"or relu, not {self.mlp!r}")
+        limit = self.embed_max_len
+        if limit is not None and not (isinstance(limit, int) and 0 < limit <= self.block_size):
+            raise ConfigError(f"embed_max_len must be a positive integer no larger than block_size "
+                              f"({self.block_size}), got {limit!r}")
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.pooling not in POOLINGS:
@@ -149,6 +171,9 @@ class ModelConfig:
             raise ConfigError(f"num_labels must be a non-negative integer, got {self.num_labels!r}")
         if self.task == "classify" and self.num_labels < 2:
             raise ConfigError(f"a classifier needs num_labels >= 2, got {self.num_labels}")
+        if self.task == "features" and (self.mlm_head or self.num_labels):
+            raise ConfigError("task='features' outputs hidden states: a model with a masked-LM head (mlm_head) is "
+                              "task='lm', one with a classifier (num_labels) task='classify'")
         if self.labels is not None and len(self.labels) != self.num_labels:
             raise ConfigError(f"labels has {len(self.labels)} names but num_labels is {self.num_labels}")
 

@@ -3,6 +3,9 @@
     model, tok = load()                                         # the built-in demo model
     model, tok = load("runs/sft/best", dtype="bf16")            # a chatforge checkpoint directory
     model, tok = load("EleutherAI/gpt-neo-125m", quantize="int8")  # a Hugging Face directory or Hub id
+    model, tok = load("smollm2")                                # a catalogue name: pulled on first use
+    model, tok = load("model.Q4_K_M.gguf", quantize="int4")     # a GGUF file, its 4-bit blocks kept
+    model, tok = load("ollama:llama3.2")                        # a model pulled with Ollama (its GGUF)
 
 Device, dtype and quantization are decided here, once, and passed down: the readers in
 chatforge.formats know file layouts only, chatforge.quantize changes a model and reads no file.
@@ -13,13 +16,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from chatforge import catalog
 from chatforge.errors import ChatforgeError, CheckpointError
 from chatforge.formats import checkpoint
+from chatforge.formats import ollama
 from chatforge.formats.adapter import read_adapter_settings, read_adapter_tensors
+from chatforge.formats.gguf import GGUFFile, is_gguf
 from chatforge.formats.hf import read_hf, resolve_hub_id
 from chatforge.lora import LoRAConfig, apply_lora, load_lora_state
 from chatforge.model import Transformer
@@ -39,8 +45,10 @@ def load(name_or_path: Optional[str | os.PathLike] = None, device: str | torch.d
          dtype: Optional[str | torch.dtype] = None, quantize: Optional[str] = None) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer for a name or path; the demo model when none is given.
 
-    name_or_path: "chatforge-demo", a chatforge checkpoint directory, a Hugging Face model
-    directory, or a Hub id (owner/name, from the local cache or downloaded). device: "auto"
+    name_or_path: "chatforge-demo", a catalogue name ("smollm2": chatforge.catalog, pulled on first
+    use), a chatforge checkpoint directory, a Hugging Face model directory, or a Hub id (owner/name,
+    from the local cache or downloaded), a GGUF file, or "ollama:NAME[:TAG]" (a model Ollama pulled).
+    device: "auto"
     (CUDA > MPS > CPU), "cpu", "cuda", ... dtype: fp32, bf16, fp16 or None (as stored).
     quantize="int8" or "int4": weight-only inference (chatforge.quantize), about 1/4 or 1/7 of the
     fp32 weight memory; `dtype` is then the activations' dtype (default bf16 where the hardware has it). A
@@ -58,17 +66,65 @@ def load(name_or_path: Optional[str | os.PathLike] = None, device: str | torch.d
             raise ChatforgeError(f"the built-in demo model is missing from this installation ({path}); "
                                  "reinstall chatforge or rebuild it with recipes/demo_model.sh")
         return _load_checkpoint(path, device, dtype, quantize)
+    if name.startswith(ollama.PREFIX):  # Ollama's store: the manifest's GGUF blob
+        return _load_gguf(ollama.resolve(name[len(ollama.PREFIX):]), device, dtype, quantize)
+    if name in catalog.CATALOG:  # a catalogue name (before paths: ./NAME means a folder): pulled on first use
+        return load(catalog.pull(name), device, dtype, quantize)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; --model needs a checkpoint directory or a model name")
+            if is_gguf(path) or path.suffix.lower() == ".gguf":
+                return _load_gguf(path, device, dtype, quantize)
+            raise CheckpointError(f"{path} is a file but not a GGUF model; --model needs a GGUF file, a checkpoint "
+                                  "directory or a model name")
         return _load_directory(path, device, dtype, quantize)
     if name.startswith(("/", ".", "~")) or "\\" in name:
         raise CheckpointError(f"no model at {path}: the path does not exist")
     if "/" in name:  # a Hub id: its snapshot is a directory like any other
         return _load_directory(resolve_hub_id(name), device, dtype, quantize)
     raise ChatforgeError(f"unknown model {name!r}: not a directory, not a Hugging Face id (owner/name), "
-                         f"and not the built-in {DEMO_MODEL!r}")
+                         f"not in the catalogue ({', '.join(catalog.CATALOG)}) and not the built-in {DEMO_MODEL!r}")
+
+
+DEFAULT_MODEL_ENV = "CHATFORGE_DEFAULT_MODEL"
+DEFAULT_CHAT_MODEL = "smollm2"  # a catalogue name: pulled on first use
+
+
+def default_chat_model() -> str:
+    """The model `chatforge chat`, `chatforge serve` and pipeline("conversational") use when none is
+    named: $CHATFORGE_DEFAULT_MODEL (any name or path), else the catalogue's smollm2."""
+    return os.environ.get(DEFAULT_MODEL_ENV, "").strip() or DEFAULT_CHAT_MODEL
+
+
+def load_chat_model(name_or_path: Optional[str | os.PathLike] = None, device: str | torch.device = "auto",
+                    dtype: Optional[str | torch.dtype] = None, quantize: Optional[str] = None,
+                    warn: Optional[Callable[[str], None]] = None) -> tuple[Transformer, Tokenizer, str]:
+    """load() for the chat front ends, with the name it loaded: `name_or_path`, else default_chat_model().
+
+    When the built-in default (smollm2, no $CHATFORGE_DEFAULT_MODEL) cannot be had (no network, no
+    package index) or loaded, `warn` gets one line saying so (default: warnings.warn) and the built-in
+    demo model is loaded instead. A model the user named, by flag or variable, is never replaced.
+    """
+    name = str(name_or_path) if name_or_path else default_chat_model()
+    if name_or_path or os.environ.get(DEFAULT_MODEL_ENV, "").strip() or name == DEMO_MODEL:
+        return (*load(name, device, dtype, quantize), name)
+    check_mode(quantize)  # the user's own mistakes are errors, not reasons to fall back
+    parse_dtype(dtype)
+    device = pick_device(device) if isinstance(device, str) else device
+    try:
+        return (*load(name, device, dtype, quantize), name)
+    except catalog.ModelUnavailable as e:
+        why = f"cannot download the default model {name}: {e.why}"
+    except ChatforgeError as e:
+        why = f"the default model {name} could not be loaded ({e})"
+    note = f"{why}; using the built-in demo model {DEMO_MODEL} instead (`--model` picks another)"
+    if warn is None:
+        import warnings
+
+        warnings.warn(note, stacklevel=3)
+    else:
+        warn(note)
+    return (*load(DEMO_MODEL, device, dtype, quantize), DEMO_MODEL)
 
 
 def load_adapter(model: Transformer, directory: str | Path) -> LoRAConfig:
@@ -116,6 +172,32 @@ def _load_hf(directory: Path, device: torch.device, dtype: Optional[torch.dtype]
     return model, tok
 
 
+# int4 from a GGUF file: groups of 32 inputs, as its 4-bit blocks are (they are then kept as they are)
+GGUF_INT4_GROUP = 32
+# quantized with more bits than int4 holds: in int4 mode these become int8 rather than lose what the file kept
+# (llama.cpp's mixes store the embedding, the output and some attn_v / ffn_down layers this way on purpose)
+GGUF_WIDE_TYPES = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+
+
+def _load_gguf(path: Path, device: torch.device, dtype: Optional[torch.dtype],
+               quantize: Optional[str]) -> tuple[Transformer, Tokenizer]:
+    """A GGUF file (formats.gguf). Not quantized: every tensor dequantized to `dtype` (default fp32),
+    slab by slab. int8: every Linear int8 per row, from the dequantized rows. int4: Linears stored as
+    Q4_0 / Q4_1 / Q4_K keep their 4-bit values (Int4Linear with groups of 32, no float round trip);
+    those stored in a wider quantized type (Q5_*, Q6_K, Q8_0) become int8; float ones (F32, F16,
+    BF16) and narrower ones (Q2_K, Q3_K) are quantized to int4 in groups of 32."""
+    f = GGUFFile(path)
+    if quantize is None:
+        state = {name: f.read(name, dtype or torch.float32) for name in f.names()}
+        model = checkpoint.build_model(f.config, state, device=device, source=str(path))
+    else:
+        modes = {name: "int8" for name in f.names() if any(t in GGUF_WIDE_TYPES for t in f.types(name))}
+        model = quantize_from(checkpoint.meta_model(f.config), f, quantize, dtype, group=GGUF_INT4_GROUP,
+                              modes=modes if quantize == "int4" else None).to(device)
+    checkpoint.check_tokenizer(f.tokenizer, f.config, str(path))
+    return model, f.tokenizer
+
+
 def _is_chatforge(path: Path) -> bool:
     """Whether the directory holds a chatforge checkpoint rather than a Hugging Face model."""
     try:
@@ -124,4 +206,5 @@ def _is_chatforge(path: Path) -> bool:
         return True  # let the checkpoint reader report the corruption
 
 
-__all__ = ["load", "load_adapter", "DEMO_MODEL", "demo_model_path"]
+__all__ = ["load", "load_adapter", "load_chat_model", "default_chat_model", "DEMO_MODEL", "DEFAULT_CHAT_MODEL",
+           "DEFAULT_MODEL_ENV", "demo_model_path"]

@@ -3,8 +3,9 @@
 Read top to bottom: positional encodings, normalisation, attention, MLP, block, model.
 Every option (rotary or sinusoidal positions, rotary scaling, grouped-query heads, sliding
 windows with their own rotary base, q/k norms, SwiGLU or GeGLU, RMSNorm with a (1 + w) scale,
-norms around each branch, a scaled embedding, bidirectional attention) lives in ModelConfig,
-so a checkpoint of GPT-2, Llama 3, Qwen3, Gemma 3, Phi-3 or BERT runs on this one file.
+norms around each branch or after the residual add, a scaled embedding, bidirectional attention
+with segment embeddings and BERT's masked-LM head) lives in ModelConfig, so a checkpoint of
+GPT-2, Llama 3, Qwen3, Gemma 3, Phi-3, BERT, RoBERTa or DistilBERT runs on this one file.
 Part of the core layer (it imports only config and errors): LoRA and quantized layers replace
 its Linears from above (chatforge.lora, chatforge.quantize) without this file naming them.
 """
@@ -257,6 +258,8 @@ class Attention(nn.Module):
 
 # gated MLPs: act(gate) * up, the gate's activation by mlp name
 GATES = {"swiglu": F.silu, "geglu_tanh": functools.partial(F.gelu, approximate="tanh")}
+# plain MLPs (and BERT's masked-LM transform): the activation by mlp name; "gelu" is the exact erf GELU
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "relu": F.relu}
 
 
 class MLP(nn.Module):
@@ -278,12 +281,8 @@ class MLP(nn.Module):
         if self.kind in GATES:
             gate, up = h.chunk(2, dim=-1)
             h = GATES[self.kind](gate) * up
-        elif self.kind == "gelu":
-            h = F.gelu(h)
-        elif self.kind == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
         else:
-            h = F.relu(h)
+            h = ACTIVATIONS[self.kind](h)
         return self.proj(h)
 
 
@@ -292,11 +291,14 @@ class Block(nn.Module):
 
     sandwich_norm (Gemma 3) also normalises each branch's output before it is added, x + norm(attn(norm(x))):
     no branch can then swamp the residual stream, whatever its weights.
+    post_norm (BERT, RoBERTa, DistilBERT, the original Transformer) normalises after the add instead,
+    norm(x + attn(x)), then norm(x + mlp(x)): the stream itself is renormalised at every layer.
     """
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         sandwich = config.sandwich_norm
+        self.post_norm = config.post_norm
         self.norm1 = make_norm(config)
         self.attn = Attention(config, layer)
         self.post_attn_norm = make_norm(config) if sandwich else nn.Identity()
@@ -306,8 +308,24 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.drop(self.attn(x, ctx)))
+            return self.norm2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.post_attn_norm(self.attn(self.norm1(x), ctx)))
         return x + self.drop(self.post_mlp_norm(self.mlp(self.norm2(x))))
+
+
+class MLMTransform(nn.Module):
+    """BERT's masked-LM transform, between the last block and the vocabulary projection: norm(act(dense(x)))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = Linear(config.n_embd, config.n_embd, bias=True)
+        self.act = ACTIVATIONS[config.mlp]
+        self.norm = make_norm(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(x)))
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -354,7 +372,12 @@ class ForwardContext:
 
 class Transformer(nn.Module):
     """Token (+ position, + segment) embeddings -> N blocks -> final norm -> vocabulary logits
-    (and, when the config asks for one, a classifier over one pooled vector per sequence)."""
+    (and, when the config asks for one, a classifier over one pooled vector per sequence).
+
+    Post-norm blocks end normalised, so they have no final norm; BERT's masked-LM head puts its
+    transform (lm_transform) before the vocabulary projection, which then has a bias. An encoder
+    loaded without any LM head (task="features") answers its final hidden states instead of logits.
+    """
 
     # the weight-only quantization its layers were given ("int8", "int4"; chatforge.quantize sets it),
     # None in full precision; the forward pass does not look at it, callers (and tests) may
@@ -364,13 +387,16 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
+        # RoBERTa numbers positions from padding_idx + 1 (position_offset), so it has that many more rows
+        n_positions = config.block_size + config.position_offset
+        self.wpe = nn.Embedding(n_positions, config.n_embd) if config.pos_encoding == "learned" else None
         self.wtt = nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None
         self.embd_norm = make_norm(config) if config.embd_norm else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm_f = make_norm(config)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.norm_f = nn.Identity() if config.post_norm else make_norm(config)
+        self.lm_transform = MLMTransform(config) if config.mlm_head else nn.Identity()
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=config.mlm_head)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         # optional sequence-level head over one pooled vector: NSP while pre-training, labels when fine-tuned
@@ -412,7 +438,8 @@ class Transformer(nn.Module):
         attention_mask: (B, T) 1 for real tokens, 0 for padding.
         cache: a KVCache to read earlier keys/values from and append these to.
         logits: "all", "last" (only the final position: a cheap prefill), "none" (hidden states) or
-            "classify" ((B, num_labels) logits of the sequence-level head).
+            "classify" ((B, num_labels) logits of the sequence-level head). A task="features" model
+            answers hidden states for "all" and "last" too: it has no LM head.
         token_type_ids: (B, T) segment of each token (0 = first sentence, 1 = second) for BERT-style models.
         return_attention: also return each layer's (B, H, T, S) attention weights.
         """
@@ -427,21 +454,30 @@ class Transformer(nn.Module):
         else:
             if logits == "last":
                 x = x[:, -1:]
-            out = x if logits == "none" else self.lm_head(x)
+            out = x if logits == "none" or self.config.task == "features" else self.lm_logits(x)
         return (out, ctx.attn_weights) if return_attention else out
 
-    def pool(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One vector per sequence: the first token ([CLS]), the last real token, or the mean of real tokens.
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of final hidden states: the output head, after BERT's transform when it has one."""
+        return self.lm_head(self.lm_transform(hidden))
+
+    def pool(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+             pooling: Optional[str] = None) -> torch.Tensor:
+        """One vector per sequence: the first token ([CLS]), the last real token, or the mean or the
+        element-wise max of the real tokens (`pooling`, default the config's).
 
         An encoder's [CLS] sees the whole input; a decoder's only summary of it is its last token.
         """
-        if self.config.pooling == "cls":
+        pooling = pooling or self.config.pooling
+        if pooling == "cls":
             return hidden[:, 0]
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         mask = attention_mask.to(hidden.dtype)
-        if self.config.pooling == "mean":
+        if pooling == "mean":
             return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        if pooling == "max":
+            return hidden.masked_fill(~attention_mask.bool()[..., None], torch.finfo(hidden.dtype).min).amax(1)
         steps = torch.arange(hidden.shape[1], device=hidden.device)
         last = (attention_mask.long() * (steps + 1)).argmax(-1)  # the right-most real token, whatever the padding side
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -460,7 +496,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         cfg = self.config
         if positions is None:
-            if attention_mask is not None and cfg.causal:  # left padding: count real tokens
+            # count real tokens: a decoder's left padding, and RoBERTa, which numbers them whatever the padding
+            if attention_mask is not None and (cfg.causal or cfg.position_offset):
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
                 positions = torch.arange(T, device=idx.device).expand(B, T)
@@ -475,7 +512,10 @@ class Transformer(nn.Module):
             # Gemma: sqrt(n_embd), rounded to the embeddings' dtype as Gemma itself does (33.94 is 34.0 in bf16)
             x = x * torch.tensor(cfg.embd_scale, dtype=x.dtype, device=x.device)
         if self.wpe is not None:
-            x = x + self.wpe(positions)
+            rows = positions + cfg.position_offset
+            if cfg.position_offset and attention_mask is not None:  # RoBERTa's padding sits at padding_idx
+                rows = rows.masked_fill(~attention_mask.bool(), cfg.position_offset - 1)
+            x = x + self.wpe(rows)
         elif cfg.pos_encoding == "sinusoidal":
             x = x + sinusoidal_encoding(positions, cfg.n_embd).to(x.dtype)
         if self.wtt is not None:

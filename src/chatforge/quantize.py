@@ -21,18 +21,20 @@ weight to the activation dtype and run an ordinary matrix multiply, which is com
 anyway. `quantize_from` (what the loader uses for a chatforge checkpoint) quantizes row chunk by
 row chunk as they are read, so the full-precision model never sits in memory.
 
-int4 halves the bytes again: each Linear's weight is cut into groups of INT4_GROUP inputs, each group
-with its own scale and zero point (asymmetric: w ~ (q - 8) * scale + zero, q in [0, 15]), packed two
-to a byte in the blocked layout torch's CPU kernel `_weight_int4pack_mm_for_cpu` reads. Decoding rows
-go to that kernel; a prefill unpacks one layer at a time to the activation dtype for the GEMM. A tied
-embedding reads its rows from the head's int4 table; an untied one is int8 (only one row per token
-is read, so its size does not slow decoding). A layer whose width is not a multiple of the group
-stays int8.
+int4 halves the bytes again: each Linear's weight is cut into groups of inputs (INT4_GROUP = 64 when
+chatforge quantizes; 32 for blocks a GGUF file hands over, the group being a property of each layer),
+each group with its own scale and zero point (asymmetric: w ~ (q - 8) * scale + zero, q in [0, 15]),
+packed two to a byte in the blocked layout torch's CPU kernel `_weight_int4pack_mm_for_cpu` reads.
+Decoding rows go to that kernel; a prefill unpacks one layer at a time to the activation dtype for
+the GEMM. A tied embedding reads its rows from the head's int4 table; an untied one is int8 (only
+one row per token is read, so its size does not slow decoding). A layer whose width is not a
+multiple of the group stays int8. `Int4Linear.from_blocks` takes 4-bit values already grouped
+(GGUF's Q4_0, Q4_1, Q4_K) as they are: no float round trip.
 """
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Iterator, Optional, Protocol
+from typing import Iterable, Iterator, Mapping, Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -155,15 +157,15 @@ class Int8Embedding(nn.Module):
 # --- int4 -----------------------------------------------------------------------------------------
 
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
-INT4_GROUP = 64  # inputs that share one scale and zero point
+INT4_GROUP = 64  # inputs that share one scale and zero point, when chatforge quantizes (the kernel takes 32 too)
 INT4_BLOCK = 64  # output rows per block of the CPU kernel's packed layout
 INT4_MM_MAX_ROWS = 32  # more rows than this: unpacking the layer for a real GEMM is faster (measured)
 _STAGE_BLOCKS = 16  # blocks quantized and packed together while loading
 
 
-def int4_ok(in_features: int) -> bool:
+def int4_ok(in_features: int, group: int = INT4_GROUP) -> bool:
     """Whether a Linear with this input width can be int4 (whole groups only)."""
-    return in_features % INT4_GROUP == 0
+    return in_features % group == 0
 
 
 def padded_rows(rows: int) -> int:
@@ -171,20 +173,21 @@ def padded_rows(rows: int) -> int:
     return -(-rows // INT4_BLOCK) * INT4_BLOCK
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric per-group int4: (q uint8 in [0, 15], scale, zero), each (out, in / INT4_GROUP) in fp32,
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-group int4: q uint8 (out, in) in [0, 15], and scale, zero (out, in / group) in fp32,
     with weight ~ (q - 8) * scale + zero group by group."""
     rows, cols = weight.shape
     q = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
-    scale, zero = (torch.empty(rows, cols // INT4_GROUP, device=weight.device) for _ in range(2))
+    scale, zero = (torch.empty(rows, cols // group, device=weight.device) for _ in range(2))
     _quantize_int4_into(weight.detach().to(torch.float32, copy=True), q, scale, zero)
     return q, scale, zero
 
 
 def _quantize_int4_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
     """Quantize fp32 rows `w` into q, scale and zero, using w itself as the scratch space (while
-    loading, a temporary the size of w would be a hole the allocator keeps)."""
-    g = w.view(w.shape[0], -1, INT4_GROUP)
+    loading, a temporary the size of w would be a hole the allocator keeps). The group is w's width
+    over scale's."""
+    g = w.view(w.shape[0], scale.shape[1], -1)
     lo = g.amin(-1)
     torch.sub(g.amax(-1), lo, out=scale)
     scale.div_(15).clamp_(min=1e-12)  # an all-zero group stays zero
@@ -192,14 +195,15 @@ def _quantize_int4_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, z
     q.view(g.shape).copy_(g.sub_(lo[..., None]).div_(scale[..., None]).round_().clamp_(0, 15))
 
 
-def quantize_rows_int4(chunks: Iterable[torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+def quantize_rows_int4(chunks: Iterable[torch.Tensor], shape: tuple[int, int],
+                       group: int = INT4_GROUP) -> tuple[torch.Tensor, ...]:
     """(packed, scale, zero) of a matrix handed over in row chunks (used as scratch), rows padded to
     whole blocks. Rows are quantized into a small staging buffer and packed from there whenever it
     fills, so the only matrix-sized buffers are the results."""
     rows, cols = shape
     padded = padded_rows(rows)
     packed = torch.empty(padded, cols // 2, dtype=torch.uint8)
-    scale, zero = (torch.zeros(padded, cols // INT4_GROUP) for _ in range(2))
+    scale, zero = (torch.zeros(padded, cols // group) for _ in range(2))
     stage = torch.zeros(min(padded, _STAGE_BLOCKS * INT4_BLOCK), cols, dtype=torch.uint8)
     done = filled = 0  # rows packed; rows waiting in the stage
 
@@ -254,11 +258,12 @@ def _kernel_layout_matches() -> bool:
 
 
 class Int4Linear(nn.Module):
-    """A Linear layer with int4 weights, a scale and zero point per group of INT4_GROUP inputs."""
+    """A Linear layer with int4 weights, a scale and zero point per group of `group` inputs (64 or 32)."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: Optional[torch.Tensor],
                  dtype: torch.dtype, out_features: int):
-        """packed: (padded rows, in / 2) from pack_int4; scale, zero: (padded rows, in / INT4_GROUP)."""
+        """packed: (padded rows, in / 2) from pack_int4; scale, zero: (padded rows, in / group), which
+        sets the group."""
         super().__init__()
         self.out_features, self.in_features = out_features, packed.shape[1] * 2
         self.register_buffer("weight", packed)
@@ -274,6 +279,27 @@ class Int4Linear(nn.Module):
         q, scale, zero = (torch.cat([t, t.new_zeros(extra, t.shape[1])]) for t in (q, scale, zero))
         return cls(pack_int4(q), scale, zero, linear.bias, dtype, linear.out_features)
 
+    @classmethod
+    def from_blocks(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor],
+                    dtype: torch.dtype) -> "Int4Linear":
+        """The layer of 4-bit values already grouped, kept as they are: q uint8 (out, in) in 0..15 and
+        scale, offset (out, in / group) with w = q * scale + offset in each group (the group is in / the
+        scales' width; 32 for GGUF's Q4_0, Q4_1, Q4_K).
+
+        In this layer's terms, (q - 8) * scale + zero, zero = offset + 8 * scale: GGUF's Q4_0
+        (w = d (q - 8)) has zero 0, its Q4_1 (w = d q + m) zero m + 8 d. Only the scales are computed.
+        """
+        out = q.shape[0]
+        extra = padded_rows(out) - out  # whole blocks; the extra rows are zero
+        zero = offset.float() + 8 * scale.float()
+        q, scale, zero = (torch.cat([t, t.new_zeros(extra, t.shape[1])]) for t in (q, scale.float(), zero))
+        return cls(pack_int4(q), scale, zero, bias, dtype, out)
+
+    @property
+    def group(self) -> int:
+        """Inputs that share one scale and zero point."""
+        return self.in_features // self.scales_zeros.shape[0]
+
     @property
     def kernel_ok(self) -> bool:
         return self.weight.device.type == "cpu" and _kernel_layout_matches()
@@ -282,6 +308,7 @@ class Int4Linear(nn.Module):
         """Whether decoding rows may use the kernel, decided once per placement: forward runs once per
         layer per token, so its own checks must cost next to nothing."""
         self._kernel, self._padded = self.kernel_ok, self.weight.shape[0] != self.out_features
+        self._group = self.group
 
     def _apply(self, fn, recurse=True):  # .to() / .cpu() / .cuda(): decide again
         out = super()._apply(fn, recurse)
@@ -293,7 +320,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         padded = self._padded
         if x2.shape[0] <= INT4_MM_MAX_ROWS and self._kernel and x.dtype == self.scales_zeros.dtype:
-            y = _INT4_MM(x2.contiguous(), self.weight, INT4_GROUP, self.scales_zeros)
+            y = _INT4_MM(x2.contiguous(), self.weight, self._group, self.scales_zeros)
         else:  # compute-bound: unpack the layer once, use the fast GEMM
             y = x2 @ self._unpacked_t(x.dtype)
         if padded:
@@ -312,7 +339,7 @@ class Int4Linear(nn.Module):
         w[..., half:].copy_(v >> 4)
         sz = self.scales_zeros.to(dtype)
         scale, offset = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]  # (q - 8) * s + z = q * s + (z - 8 s)
-        w.view(cols // INT4_GROUP, INT4_GROUP, -1).mul_(scale[:, None]).add_(offset[:, None])
+        w.view(cols // self.group, self.group, -1).mul_(scale[:, None]).add_(offset[:, None])
         return w.view(cols, -1)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -323,7 +350,7 @@ class Int4Linear(nn.Module):
         b = v[block, :, j % half]  # (..., in)
         q = torch.where((j < half)[..., None], b & 15, b >> 4).to(self.scales_zeros.dtype)
         sz = self.scales_zeros[:, idx].movedim(0, -2)  # (..., groups, 2)
-        g = q.view(*idx.shape, -1, INT4_GROUP)
+        g = q.view(*idx.shape, -1, self.group)
         return ((g - 8) * sz[..., :1] + sz[..., 1:]).view(*idx.shape, self.in_features)
 
     def dequantized(self) -> torch.Tensor:
@@ -332,7 +359,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"group={INT4_GROUP}")
+                f"group={self.group}")
 
 
 def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype) -> nn.Module:
@@ -402,14 +429,17 @@ class RowSource(Protocol):
 
 @torch.no_grad()
 def quantize_from(model: nn.Module, source: RowSource, mode: str = "int8",
-                  dtype: Optional[torch.dtype] = None) -> nn.Module:
+                  dtype: Optional[torch.dtype] = None, *, group: int = INT4_GROUP,
+                  modes: Optional[Mapping[str, str]] = None) -> nn.Module:
     """Fill `model`, a chatforge Transformer built on the meta device (no memory), from `source`
     with quantized layers (mode "int8" or "int4"); returns it on the CPU.
 
     Each matrix is quantized slab by slab as `source` hands its rows over, so the peak memory is
     about the quantized model, never the full-precision one. The weights' names and shapes must
     already have been checked against the model. dtype: the activations' dtype (default: bf16
-    where this CPU has it, else fp32).
+    where this CPU has it, else fp32). group: inputs per int4 group. modes: the mode of a weight
+    (by name) where it is not `mode`. A source that has `int4_blocks(name)` (a GGUF file) hands an
+    int4 layer's 4-bit values over as stored where it can: they are kept (Int4Linear.from_blocks).
     """
     if check_mode(mode) is None:
         raise ValueError("quantize_from needs a mode: int8 or int4")
@@ -420,12 +450,17 @@ def quantize_from(model: nn.Module, source: RowSource, mode: str = "int8",
         return quantize_rows((slab for _, slab in source.rows(name)), source.shape(name))
 
     def int4(name: str) -> tuple[torch.Tensor, ...]:
-        return quantize_rows_int4((slab for _, slab in source.rows(name)), source.shape(name))
+        return quantize_rows_int4((slab for _, slab in source.rows(name)), source.shape(name), group)
 
+    stored = getattr(source, "int4_blocks", None)
     for full, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         weight = "wte.weight" if tied and full == "lm_head" else f"{full}.weight"
         bias = source.read(f"{full}.bias") if linear.bias is not None else None
-        if mode == "int4" and int4_ok(linear.in_features):
+        kind = (modes or {}).get(weight, mode)
+        blocks = stored(weight) if kind == "int4" and stored is not None else None
+        if blocks is not None:
+            _replace(model, full, Int4Linear.from_blocks(*blocks, bias, dtype))
+        elif kind == "int4" and int4_ok(linear.in_features, group):
             _replace(model, full, Int4Linear(*int4(weight), bias, dtype, out_features=source.shape(weight)[0]))
         else:
             _replace(model, full, Int8Linear(*int8(weight), bias, dtype))

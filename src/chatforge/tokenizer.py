@@ -2,7 +2,8 @@
 
 Both kinds are Hugging Face `tokenizers` objects saved as tokenizer.json, next to a
 tokenizer_config.json in the Hugging Face layout (bos/eos/pad token, chat template),
-so the same class also reads tokenizers that come with Hugging Face checkpoints.
+so the same class also reads tokenizers that come with Hugging Face checkpoints, and
+BERT's WordPiece vocabularies (vocab.txt) built into one (`Tokenizer.wordpiece`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from chatforge.errors import ChatforgeError, CheckpointError, ConfigError, DataError
 from chatforge.utils import atomic_write_text
@@ -36,6 +37,8 @@ SPECIAL_TOKENS: dict[str, str] = {
 # tokenizer_config.json keys (Hugging Face convention) for the roles that have one
 _HF_KEYS = {"bos": "bos_token", "eos": "eos_token", "pad": "pad_token", "unk": "unk_token",
             "cls": "cls_token", "sep": "sep_token", "mask": "mask_token"}
+# BERT's special tokens, by chatforge role (its [CLS], [SEP], [MASK], [UNK] are also chatforge's own)
+BERT_SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
 
 class Tokenizer:
@@ -44,6 +47,10 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, special: dict[str, str], chat_template: Optional[str] = None,
                  kind: str = "bpe"):
         self.hf = hf
+        # chatforge pads and cuts batches itself: a tokenizer.json saved with padding or truncation on
+        # (sentence-transformers' are: 128 tokens) would otherwise pad or cut every single text
+        hf.no_padding()
+        hf.no_truncation()
         # a copy that reads special-token text in user input as plain text (no prompt injection)
         self._literal = HFTokenizer.from_str(hf.to_str())
         self._literal.encode_special_tokens = True
@@ -86,6 +93,30 @@ class Tokenizer:
         hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
         hf.add_special_tokens(list(SPECIAL_TOKENS.values()))
         return cls(hf, dict(SPECIAL_TOKENS), kind="char")
+
+    @classmethod
+    def wordpiece(cls, vocab: dict[str, int], *, lowercase: bool = True, strip_accents: Optional[bool] = None,
+                  chinese_chars: bool = True, special: Optional[dict[str, str]] = None) -> "Tokenizer":
+        """BERT's WordPiece tokenizer from its vocabulary (vocab.txt: token -> id), built as transformers builds
+        BertTokenizer: BertNormalizer (clean text, spaces around CJK characters, lower-casing, accents stripped
+        when `strip_accents` or, if None, when lower-casing), BertPreTokenizer (whitespace and punctuation),
+        `##` continuation pieces, [CLS] A [SEP] (B [SEP]) around encoded inputs. `special`: role -> token
+        (default BERT's [PAD] [UNK] [CLS] [SEP] [MASK])."""
+        special = {role: tok for role, tok in (special or BERT_SPECIAL_TOKENS).items() if tok in vocab}
+        if "unk" not in special:
+            raise CheckpointError("a WordPiece vocabulary needs an unknown-token entry ([UNK]); this one has none")
+        hf = HFTokenizer(models.WordPiece(vocab, unk_token=special["unk"], max_input_chars_per_word=100))
+        hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=chinese_chars,
+                                                   strip_accents=strip_accents, lowercase=lowercase)
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        hf.decoder = decoders.WordPiece(prefix="##")
+        if "cls" in special and "sep" in special:
+            cls_tok, sep_tok = special["cls"], special["sep"]
+            hf.post_processor = processors.TemplateProcessing(
+                single=f"{cls_tok}:0 $A:0 {sep_tok}:0", pair=f"{cls_tok}:0 $A:0 {sep_tok}:0 $B:1 {sep_tok}:1",
+                special_tokens=[(cls_tok, vocab[cls_tok]), (sep_tok, vocab[sep_tok])])
+        hf.add_special_tokens(sorted(set(special.values()), key=vocab.__getitem__))
+        return cls(hf, special, kind="wordpiece")
 
     # --- use ----------------------------------------------------------------------------
     @property
@@ -167,13 +198,15 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exceptions for bad JSON
             raise CheckpointError(f"{path} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-        conf_path = path.parent / "tokenizer_config.json"
         conf: dict = {}
-        if conf_path.is_file():
-            try:
-                conf = json.loads(conf_path.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{conf_path} is not valid JSON ({e})") from None
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+            conf_path = path.parent / name
+            if conf_path.is_file():
+                try:
+                    data = json.loads(conf_path.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise CheckpointError(f"{conf_path} is not valid JSON ({e})") from None
+                conf.update(data if isinstance(data, dict) else {})
         special = conf.get("chatforge_special_tokens")
         if special is None:
             special = {}
@@ -183,8 +216,8 @@ class Tokenizer:
                     tok = tok.get("content")
                 if isinstance(tok, str):
                     special[role] = tok
-            for role, tok in SPECIAL_TOKENS.items():  # ChatML tokens, when the vocabulary has them
-                if role not in special and hf.token_to_id(tok) is not None:
+            for role, tok in [*SPECIAL_TOKENS.items(), *BERT_SPECIAL_TOKENS.items()]:  # ChatML's, BERT's tokens,
+                if role not in special and hf.token_to_id(tok) is not None:     # when the vocabulary has them
                     special[role] = tok
         template = conf.get("chat_template")
         if isinstance(template, list):  # HF allows named templates; take the default one
@@ -214,4 +247,4 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
         raise DataError("no text to train the tokenizer on: the input is empty")
 
 
-__all__ = ["Tokenizer", "train_tokenizer", "SPECIAL_TOKENS", "ChatforgeError"]
+__all__ = ["Tokenizer", "train_tokenizer", "SPECIAL_TOKENS", "BERT_SPECIAL_TOKENS", "ChatforgeError"]

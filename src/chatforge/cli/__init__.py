@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from chatforge.errors import ChatforgeError
 
 # the modules that add the verbs, in the order `chatforge --help` lists them; each has `register(subparsers)`
-VERB_MODULES: list[str] = ["chatforge.cli.chat", "chatforge.cli.train", "chatforge.cli.export", "chatforge.cli.serve",
+VERB_MODULES: list[str] = ["chatforge.cli.chat", "chatforge.cli.models", "chatforge.cli.train", "chatforge.cli.export", "chatforge.cli.embed", "chatforge.cli.serve",
                            "chatforge.cli.explain"]
 
 

@@ -37,13 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the generate and chat verbs to the `chatforge` parser."""
     p = sub.add_parser("generate", help="continue a prompt with a model",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", required=True, help="checkpoint or Hugging Face directory or id, catalogue name, "
+                                                  "GGUF file, or ollama:NAME[:TAG]")
     p.add_argument("--prompt", default=None, help="text to continue (default: stdin)")
     sampling_flags(p, defaults=True)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="chat with a model in the terminal (the demo model by default)")
-    p.add_argument("--model", default=None, help="checkpoint directory, Hugging Face id, or chatforge-demo")
+    p = sub.add_parser("chat", help="chat with a model in the terminal (SmolLM2 by default, pulled on first use)")
+    p.add_argument("--model", default=None, help="checkpoint directory, Hugging Face id, catalogue name (smollm2), "
+                                                 "GGUF file, ollama:NAME[:TAG] or chatforge-demo (default: $CHATFORGE_DEFAULT_MODEL, else smollm2, "
+                                                 "falling back to chatforge-demo when it cannot be had)")
     p.add_argument("--prompt", default=None, help="one message: print the reply and exit (for scripts)")
     p.add_argument("--system", default=None, help="system prompt")
     sampling_flags(p, defaults=False)

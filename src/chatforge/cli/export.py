@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from chatforge.export import FORMATS, export
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     path = export(args.model, args.out, args.format, args.dtype)
-    hint = ("load it with transformers.AutoModelForCausalLM.from_pretrained" if args.format == "hf"
-            else "chat with it: chatforge chat --model " + str(path))
+    if args.format == "hf":  # the class config.json names: a causal LM, or an encoder's (BertForMaskedLM, ...)
+        architecture = json.loads((path / "config.json").read_text())["architectures"][0]
+        causal = "CausalLM" in architecture or "LMHead" in architecture
+        hint = f"load it with transformers.{'AutoModelForCausalLM' if causal else architecture}.from_pretrained"
+    else:
+        hint = "chat with it: chatforge chat --model " + str(path)
     print(f"wrote {path} ({args.format}); {hint}")
     return 0
 

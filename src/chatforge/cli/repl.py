@@ -175,10 +175,14 @@ def run_chat(model: Optional[str] = None, *, prompt: Optional[str] = None, syste
              **options: Any) -> int:
     """The `chatforge chat` verb: a REPL, or with `prompt` one reply printed to stdout."""
     from chatforge.engine import Engine
-    from chatforge.loader import load
+    from chatforge.loader import load_chat_model
     from chatforge.pipelines.generation import generation_options
 
-    model_obj, tokenizer = load(model, device=device, dtype=dtype, quantize=quantize)
+    def warn(note: str) -> None:
+        print(f"chatforge chat: warning: {note}", file=sys.stderr, flush=True)
+
+    # no model named: the default chat model (smollm2, pulled on first use), else the demo model, with a warning
+    model_obj, tokenizer, _ = load_chat_model(model, device=device, dtype=dtype, quantize=quantize, warn=warn)
     chat = ChatModel(Engine(model_obj, tokenizer))
     config = chat.defaults.replace(**generation_options(options))
     repl = Repl(chat, config, system=system)

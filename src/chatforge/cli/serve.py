@@ -34,7 +34,8 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "serve", help="serve a model: OpenAI-compatible HTTP API and a web chat page",
-        description=f"Serve a model (the built-in demo model unless --model says otherwise) over an "
+        description=f"Serve a model (unless --model says otherwise $CHATFORGE_DEFAULT_MODEL, else smollm2, pulled "
+                    f"on first use, falling back to the built-in demo model when it cannot be had) over an "
                     f"OpenAI-compatible API at /v1 and a web chat page at /. The API key may also come from "
                     f"${API_KEY_ENV}; conversations are kept in SQLite at --db (default {default_db_path()}, "
                     f"or ${DB_ENV}). Ctrl-C or SIGTERM stops it cleanly.")

@@ -219,7 +219,7 @@ def logit_lens(model: torch.nn.Module, tokenizer: Tokenizer, ids: Sequence[int],
     top_ids, top_probs = [], []
     with torch.no_grad():
         for h in residual_stream(model, ids):
-            p, i = next_token_probs(model.lm_head(model.norm_f(h)), tokenizer).cpu().topk(k, dim=-1)
+            p, i = next_token_probs(model.lm_logits(model.norm_f(h)), tokenizer).cpu().topk(k, dim=-1)
             top_ids.append(i.numpy())
             top_probs.append(p.numpy())
     ids_arr = np.stack(top_ids)

@@ -163,17 +163,20 @@ class BinFile:
 
 
 class Weights:
-    """Every tensor of a Hugging Face model directory, by its *ForCausalLM name."""
+    """Every tensor of a Hugging Face model directory, by its *ForCausalLM (*ForMaskedLM) name.
 
-    def __init__(self, directory: Path, prefix: str):
+    top_level: the prefixes of head tensors stored beside the base model (lm_head., BERT's cls.).
+    """
+
+    def __init__(self, directory: Path, prefix: str, top_level: tuple[str, ...] = ("lm_head.",)):
         self.directory = directory
         self.files = [_open(p) for p in _weight_files(directory)]
         self.where: dict[str, tuple[WeightFile, str]] = {}
         for f in self.files:
             for stored in f.names():
                 # a file saved from the base model (GPT2Model, LlamaModel) has no "transformer."/"model."
-                full = stored if stored.startswith((prefix, "lm_head.")) else prefix + stored
-                self.where[full] = (f, stored)
+                full = stored if stored.startswith((prefix, *top_level)) else prefix + stored
+                self.where[_modern(full)] = (f, stored)
 
     def names(self) -> set[str]:
         return set(self.where)
@@ -200,6 +203,16 @@ class Weights:
                 out[:, start:start + slab.shape[0]].copy_(slab.T)
             else:
                 out[start:start + slab.shape[0]].copy_(slab)
+
+
+def _modern(name: str) -> str:
+    """The LayerNorm names of TensorFlow-era files (BERT's original checkpoints: LayerNorm.gamma/.beta) as
+    transformers renames them on load."""
+    if name.endswith(".gamma"):
+        return name[:-len(".gamma")] + ".weight"
+    if name.endswith(".beta"):
+        return name[:-len(".beta")] + ".bias"
+    return name
 
 
 def _weight_files(directory: Path) -> list[Path]:

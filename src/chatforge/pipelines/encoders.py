@@ -6,7 +6,8 @@
     spam = pipeline("text-classification", model="runs/sms/finetune/best")
     spam("WINNER!! Claim your prize now")  # [{"label": "spam", "score": 0.99}]
 
-`pipeline.py` finds these in PIPELINES: task name -> factory(model, device=, dtype=, **defaults).
+`pipeline.py` finds these in PIPELINES: task name -> factory(model, device=, dtype=, **defaults), together
+with embeddings.py's feature-extraction and sentence-embedding.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
 from chatforge.data.tables import encode_examples
 from chatforge.data.text import pad_batch, running_text
+from chatforge.pipelines.embeddings import PIPELINES as EMBEDDING_PIPELINES
 
 
 def check_fill_mask(model: Transformer, tokenizer: Tokenizer, name: str = "this model") -> None:
@@ -33,6 +35,10 @@ def check_fill_mask(model: Transformer, tokenizer: Tokenizer, name: str = "this 
     if config.causal:
         raise ChatforgeError(f"{name} is a causal (left-to-right) language model; fill-mask needs a masked-LM "
                              "encoder (`chatforge pretrain --objective mlm`), or use text-generation")
+    if config.task == "features":
+        raise ChatforgeError(f"{name} is an encoder without a masked-LM head (its outputs are token vectors, as "
+                             "BertModel's); fill-mask needs a checkpoint with one (BertForMaskedLM, "
+                             "RobertaForMaskedLM), or use feature-extraction / sentence-embedding")
     if tokenizer.token_id("mask") is None:
         raise ChatforgeError(f"the tokenizer of {name} has no [MASK] token, so it cannot fill in masks")
 
@@ -171,4 +177,4 @@ def text_classification(model: Optional[str] = None, *, device: str = "auto", dt
 
 
 PIPELINES = {"fill-mask": fill_mask, "text-classification": text_classification,
-             "sentiment-analysis": text_classification}
+             "sentiment-analysis": text_classification, **EMBEDDING_PIPELINES}

@@ -19,7 +19,7 @@ from chatforge.chat.conversation import Conversation
 from chatforge.chat.session import CHAT_DEFAULTS, ChatModel
 from chatforge.engine import Engine, GenerationConfig
 from chatforge.errors import ChatforgeError
-from chatforge.loader import load
+from chatforge.loader import load, load_chat_model
 
 TEXT_DEFAULTS = GenerationConfig(max_new_tokens=64, temperature=0.8)  # text-generation; chat: CHAT_DEFAULTS
 _GEN_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
@@ -101,10 +101,15 @@ TASKS = {"conversational": ConversationalPipeline, "chat": ConversationalPipelin
 
 def pipeline(task: str = "conversational", model: Optional[str] = None, *, device: str = "auto",
              dtype: Optional[str] = None, quantize: Optional[str] = None, **generate_kwargs: Any) -> Any:
-    """A ready-to-call pipeline for `task` with `model` (a checkpoint dir, HF id, or the demo model).
+    """A ready-to-call pipeline for `task` with `model` (a checkpoint dir, HF id, catalogue name or the demo model).
+
+    With no model, "conversational" uses the default chat model (loader.default_chat_model: smollm2, pulled
+    on first use, or $CHATFORGE_DEFAULT_MODEL) and falls back to the demo model with a warning when it
+    cannot be had; the other tasks use the demo model.
 
     "conversational"/"chat" and "text-generation" run on the engine; "fill-mask" and
-    "text-classification" return the encoder pipelines of encoders.py.
+    "text-classification" return the encoder pipelines of encoders.py, "feature-extraction" and
+    "sentence-embedding" those of embeddings.py.
 
     quantize="int8" or "int4" runs the generation tasks with weight-only quantized linear layers.
 
@@ -112,7 +117,10 @@ def pipeline(task: str = "conversational", model: Optional[str] = None, *, devic
     """
     if task not in TASKS:
         return _encoder_pipeline(task, model, device=device, dtype=dtype, quantize=quantize, **generate_kwargs)
-    model_obj, tokenizer = load(model, device=device, dtype=dtype, quantize=quantize)
+    if TASKS[task] is ConversationalPipeline:
+        model_obj, tokenizer, _ = load_chat_model(model, device=device, dtype=dtype, quantize=quantize)
+    else:
+        model_obj, tokenizer = load(model, device=device, dtype=dtype, quantize=quantize)
     engine = Engine(model_obj, tokenizer)
     base = CHAT_DEFAULTS if TASKS[task] is ConversationalPipeline else TEXT_DEFAULTS
     defaults = base.replace(**generation_options(generate_kwargs))

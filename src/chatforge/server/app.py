@@ -26,6 +26,8 @@ from starlette.staticfiles import StaticFiles
 from chatforge.errors import ChatforgeError
 from chatforge.server.settings import ServeConfig
 from chatforge.server.conversations_api import router as conversations_router
+from chatforge.server.embeddings_api import load_embedding_service
+from chatforge.server.embeddings_api import router as embeddings_router
 from chatforge.server.errors import APIError, error_body, handle_error, handle_http_error
 from chatforge.server.metrics import Metrics
 from chatforge.server.openai_api import router as openai_router
@@ -44,14 +46,15 @@ OPEN_PATHS = ("/health",)  # answered without the API key
 SHELL_PATHS = ("/", "/favicon.ico")  # the page's static files: no data in them, and the page asks for the key
 
 
-def served_name(config: ServeConfig) -> str:
-    """The id clients pass as `model`: --served-model-name, else the demo's name, a directory's name or a Hub id."""
+def served_name(config: ServeConfig, loaded: Optional[str] = None) -> str:
+    """The id clients pass as `model`: --served-model-name, else the name of the default model that was
+    loaded (`loaded`: smollm2 or the demo model), a directory's name or a Hub id."""
     from chatforge.loader import DEMO_MODEL
 
     if config.served_model_name:
         return config.served_model_name
     if not config.model:
-        return DEMO_MODEL
+        return loaded or DEMO_MODEL
     path = Path(config.model).expanduser()
     return path.resolve().name if path.exists() else config.model
 
@@ -60,12 +63,15 @@ def load_service(config: ServeConfig, metrics: Metrics) -> ModelService:
     """Load the model named in the config and start its scheduler."""
     import torch
 
-    from chatforge.loader import load
+    from chatforge.loader import load_chat_model
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    model, tokenizer = load(config.model, device=config.device, dtype=config.dtype, quantize=config.quantize)
-    return ModelService(model, tokenizer, config, metrics, served_name(config))
+    # no --model: the default chat model (smollm2, pulled on first use), else the demo model with a warning
+    model, tokenizer, name = load_chat_model(config.model, device=config.device, dtype=config.dtype,
+                                             quantize=config.quantize,
+                                             warn=lambda note: log.warning(f"chatforge serve: warning: {note}"))
+    return ModelService(model, tokenizer, config, metrics, served_name(config, name))
 
 
 def create_app(config: ServeConfig, service: Optional[ModelService] = None,
@@ -85,12 +91,14 @@ def create_app(config: ServeConfig, service: Optional[ModelService] = None,
         try:
             yield
         finally:
-            if app.state.service is not None:
-                app.state.service.stop()
+            for running in (app.state.service, app.state.embedder):
+                if running is not None:
+                    running.stop()
             app.state.store.close()
 
     def _load(app: FastAPI) -> None:
         try:
+            app.state.embedder = load_embedding_service(config)  # first: /health is 200 once both are there
             app.state.service = loader(config, metrics)
             metrics.model_loaded.set(1)
             if on_ready is not None:
@@ -104,7 +112,7 @@ def create_app(config: ServeConfig, service: Optional[ModelService] = None,
 
     app = FastAPI(title="chatforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config, app.state.metrics = config, metrics
-    app.state.service, app.state.load_error = service, None
+    app.state.service, app.state.load_error, app.state.embedder = service, None, None
     if service is not None:
         metrics.model_loaded.set(1)
     app.add_exception_handler(ChatforgeError, handle_error)
@@ -112,6 +120,7 @@ def create_app(config: ServeConfig, service: Optional[ModelService] = None,
     app.add_exception_handler(Exception, handle_error)
     app.include_router(openai_router)
     app.include_router(tokens_router)
+    app.include_router(embeddings_router)
     app.include_router(conversations_router)
     _add_operations(app)
     app.add_middleware(Guard, config=config, metrics=metrics)
@@ -123,7 +132,8 @@ def _add_operations(app: FastAPI) -> None:
     async def health(request: HTTPRequest) -> JSONResponse:
         state = request.app.state
         if state.service is not None:
-            return JSONResponse({"status": "ok", "model": state.service.name})
+            embedding = {"embedding_model": state.embedder.name} if state.embedder is not None else {}
+            return JSONResponse({"status": "ok", "model": state.service.name, **embedding})
         if state.load_error is not None:
             return JSONResponse({"status": "error", "error": str(state.load_error)}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -251,6 +261,11 @@ def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
 
     def ready(service: ModelService) -> None:
         announce(f"chatforge serve: model {service.name} ready ({service.context} tokens of context)")
+        embedding = app.state.embedder
+        if embedding is not None:
+            announce(f"chatforge serve: embedding model {embedding.name} ready at /v1/embeddings "
+                     f"({embedding.embedder.dimensions} dimensions, up to {embedding.embedder.max_length} tokens "
+                     "per input)")
 
     app = create_app(config, on_fatal=fatal, on_ready=ready)
     server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, lifespan="on",

@@ -15,8 +15,9 @@ DB_ENV = "CHATFORGE_DB"
 
 @dataclass
 class ServeConfig:
-    model: Optional[str] = None  # checkpoint dir, Hugging Face dir or id; None = the built-in demo model
+    model: Optional[str] = None  # checkpoint dir, HF dir or id, catalogue name; None = loader.default_chat_model()
     served_model_name: Optional[str] = None  # the id clients pass as `model`; default: from the model path
+    embedding_model: Optional[str] = None  # a sentence-embedding model for /v1/embeddings, run beside the chat model
     host: str = "127.0.0.1"
     port: int = 8000  # 0 = any free port (the one taken is printed)
     api_key: Optional[str] = None  # when set, every endpoint but /health needs `Authorization: Bearer <key>`
@@ -61,8 +62,11 @@ class ServeConfig:
 
 
 HELP = {
-    "model": "checkpoint directory, Hugging Face directory or id (default: the built-in chatforge-demo)",
+    "model": "checkpoint directory, Hugging Face directory or id, catalogue name, or chatforge-demo (default: "
+             "$CHATFORGE_DEFAULT_MODEL, else smollm2, pulled on first use; chatforge-demo when it cannot be had)",
     "served_model_name": "the id clients pass as `model` (default: the model directory's name)",
+    "embedding_model": "a sentence-embedding model (e.g. all-minilm-l6-v2, a Hugging Face encoder) served beside "
+                       "the chat model at POST /v1/embeddings (default: none; the endpoint then answers 400)",
     "host": "address to listen on (default 127.0.0.1: this machine only)",
     "port": "port to listen on (default 8000; 0 = any free port, printed at start)",
     "api_key": f"require `Authorization: Bearer KEY` on every endpoint but /health (or set ${API_KEY_ENV})",

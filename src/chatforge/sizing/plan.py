@@ -180,8 +180,9 @@ def count_params(cfg: ModelConfig) -> int:
     block = ((4 if cfg.sandwich_norm else 2) * norm + linear(C, q + 2 * kv, qkv_bias) + linear(q, C, cfg.bias)
              + linear(C, fc_out, cfg.bias) + linear(f, C, cfg.bias))
     block += 2 * cfg.dim_head if cfg.qk_norm else 0  # one RMSNorm weight each for queries and keys
-    n = V * C + cfg.n_layer * block + norm  # token embeddings, blocks, final norm
-    n += cfg.block_size * C if cfg.pos_encoding == "learned" else 0
+    n = V * C + cfg.n_layer * block + (0 if cfg.post_norm else norm)  # token embeddings, blocks, final norm
+    n += (cfg.block_size + cfg.position_offset) * C if cfg.pos_encoding == "learned" else 0
+    n += linear(C, C, True) + norm + V if cfg.mlm_head else 0  # BERT's MLM transform and the head's bias
     n += cfg.type_vocab_size * C + (norm if cfg.embd_norm else 0)
     n += 0 if cfg.tie_embeddings else V * C
     n += linear(C, C, True) if cfg.pooler else 0

@@ -178,7 +178,7 @@ def finetune_classifier(data: str | Path, base_model: str, train_config: TrainCo
 
     val_data / test_data: separate files; without them a stratified seeded split of `data` (by
         val_fraction / test_fraction, seed = train_config.seed) is held out. test_fraction=0: no test.
-    pooling: cls (encoders' default), last (decoders' default) or mean.
+    pooling: cls (encoders' default), last (decoders' default), mean or max.
     metric: accuracy or macro_f1, what picks the best checkpoint and drives early stopping
         (train_config.patience); the model ends with the best evaluation's weights.
     dropout: dropout of the fine-tuned model (None = the base model's); weight decay is train_config's.

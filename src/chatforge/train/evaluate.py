@@ -58,6 +58,10 @@ def evaluate(model: Union[str, Transformer], data: Union[str, Sequence[str]], *,
         return _classifier(model, tokenizer, data, text_column, label_column, text_pair_column, batch_size,
                            max_length, device_)
     files = [data] if isinstance(data, (str, Path)) else list(data)
+    if config.task == "features":
+        raise DataError("this encoder has no masked-LM head (its outputs are token vectors, as BertModel's), so it "
+                        "has no masked-LM accuracy to measure; evaluate a checkpoint with one (BertForMaskedLM), or "
+                        "fine-tune it as a classifier first")
     if not config.causal:
         return _masked_lm(model, tokenizer, files, batch_size, max_length, batches, sentences, whole_word_mask,
                           seed, device_)

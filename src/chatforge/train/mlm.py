@@ -18,9 +18,11 @@ Every time a sequence is drawn it is built and masked afresh (dynamic masking):
 - masking: 15% of the non-special tokens are chosen (whole words with whole_word=True);
   of those 80% become [MASK], 10% a random token and 10% stay as they were.
 
-The loss is the masked-LM cross-entropy (the tied output head over the final hidden
-states, at the chosen positions only) plus, for mlm+nsp, the cross-entropy of the
-next-sentence head (pooler + classifier over [CLS], the model's sequence-level head).
+The loss is the masked-LM cross-entropy (the tied output head over the final hidden states, after
+BERT's dense + activation + norm transform when the config has mlm_head, at the chosen positions
+only) plus, for mlm+nsp, the cross-entropy of the next-sentence head (pooler + classifier over
+[CLS], the model's sequence-level head). With post_norm and mlm_head the result is a BERT that
+`chatforge export --format hf` writes as BertForPreTraining / BertForMaskedLM.
 """
 from __future__ import annotations
 
@@ -197,7 +199,7 @@ class MaskedLM(Objective):
         heads = unwrap(model)
         chosen = batch["labels"] != IGNORE_INDEX
         targets = batch["labels"][chosen]
-        mlm_logits = heads.lm_head(hidden[chosen]).float()
+        mlm_logits = heads.lm_logits(hidden[chosen]).float()
         out = {"mlm_logits": mlm_logits, "mlm_targets": targets,
                "mlm_loss": F.cross_entropy(mlm_logits, targets)}
         out["loss"] = out["mlm_loss"]

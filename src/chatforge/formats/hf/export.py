@@ -1,7 +1,10 @@
-"""chatforge model -> a directory transformers' AutoModelForCausalLM and AutoTokenizer load.
+"""chatforge model -> a directory transformers' AutoModelForCausalLM (AutoModelForMaskedLM, AutoModel
+for encoders) and AutoTokenizer load.
 
 The same family tables that load Hugging Face models run backwards here: our fused
 tensors are split (qkv -> q, k, v; fc -> gate, up) and GPT-2's Conv1D weights transposed.
+An encoder without an LM head (task="features") also gets sentence-transformers' modules.json
+and pooling config, so sentence-transformers embeds with it as chatforge does.
 A configuration no transformers architecture computes exactly is refused, naming the option.
 Part of formats/ (file layouts only): it writes a model already in memory; `chatforge.export`
 (`export_hf`, the `chatforge export` verb) loads one by name first and calls `write_hf`.
@@ -15,7 +18,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
-from chatforge.formats.hf.families import WeightMap, export_family
+from chatforge.formats.hf.families import WeightMap, architecture, export_family
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
 from chatforge.utils import atomic_directory, dtype_name
@@ -40,12 +43,31 @@ def hf_config(model: Transformer, tokenizer: Optional[Tokenizer], dtype: torch.d
     config = model.config
     family = export_family(config)
     dtype = dtype_name(dtype)
-    out = {"architectures": [family.architecture], "model_type": family.model_type,
-           **family.from_config(config), "torch_dtype": dtype, "dtype": dtype, "use_cache": True}
+    out = {"architectures": [architecture(family, config)], "model_type": family.model_type,
+           **family.from_config(config), "torch_dtype": dtype, "dtype": dtype, "use_cache": config.causal}
     if tokenizer is not None:
-        for role in ("bos", "eos", "pad"):
-            out[f"{role}_token_id"] = tokenizer.token_id(role)
+        for role in ("bos", "eos", "pad"):  # RoBERTa's pad id is its padding_idx: from_config's stays
+            out.setdefault(f"{role}_token_id", tokenizer.token_id(role))
     return out
+
+
+def sentence_transformers_files(model: Transformer) -> dict[str, dict]:
+    """modules.json, 1_Pooling/config.json and sentence_bert_config.json of an encoder without an LM head:
+    sentence-transformers then pools (and normalises) its token vectors as chatforge's embeddings do."""
+    config = model.config
+    if config.causal or config.task != "features":
+        return {}
+    st = "sentence_transformers.models."
+    modules = [{"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"}]
+    if config.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": st + "Normalize"})
+    modes = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens", "last": "lasttoken"}
+    pooling = {"word_embedding_dimension": config.n_embd,
+               **{f"pooling_mode_{mode}": config.pooling == ours for ours, mode in modes.items()}}
+    return {"modules.json": modules, "1_Pooling/config.json": pooling,
+            "sentence_bert_config.json": {"max_seq_length": config.embed_max_len or config.block_size,
+                                          "do_lower_case": False}}
 
 
 def write_hf(model: Transformer, out_dir: str | Path, tokenizer: Optional[Tokenizer] = None,
@@ -68,6 +90,9 @@ def write_hf(model: Transformer, out_dir: str | Path, tokenizer: Optional[Tokeni
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+        for name, data in sentence_transformers_files(model).items():
+            (tmp / name).parent.mkdir(exist_ok=True)
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
     return Path(out_dir)
 
 

@@ -8,6 +8,7 @@ layout. Pure data and config mapping: no file is touched here (sizing uses it to
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -53,6 +54,12 @@ class Family:
     plan: Callable[[ModelConfig, dict[str, Any]], WeightMap]
     from_config: Optional[Callable[[ModelConfig], dict[str, Any]]]  # None: export_family never picks it
     ignored: tuple[str, ...] = ()  # suffixes of buffers some files carry that are not weights
+    top_level: tuple[str, ...] = ("lm_head.",)  # head tensors stored beside the base model, never under `prefix`
+    # encoders: the config fitted to the heads the weights carry (MLM head, pooler, next-sentence head), from
+    # their names; to_config alone guesses them from config.json's `architectures`
+    heads: Optional[Callable[[ModelConfig, dict[str, Any], set[str]], ModelConfig]] = None
+    # encoders: the transformers class that holds a config's heads (None: `architecture` always)
+    architecture_of: Optional[Callable[[ModelConfig], str]] = None
 
 
 # --- reading config.json ---------------------------------------------------------------
@@ -423,6 +430,192 @@ def gemma3_from_config(config: ModelConfig) -> dict[str, Any]:
             "attention_dropout": config.dropout, "initializer_range": config.init_std}
 
 
+# --- BERT-style encoders: BERT (and BERT-architecture checkpoints such as MiniLM), RoBERTa, DistilBERT ------------
+#
+# Post-norm blocks, a LayerNorm after the embeddings, exact-erf GELU, bidirectional attention with padding
+# masks. The base model's weights are always there; which heads come with them depends on the class that
+# saved them: BertModel (pooler; sentence-transformers' models), BertForMaskedLM (the MLM head),
+# BertForPreTraining (both, and the next-sentence head). A checkpoint without an MLM head loads as
+# task="features": its output is the final hidden states.
+
+NSP_LABELS = ["is_next", "not_next"]  # BERT's next-sentence head, label 0 = B follows A (as chatforge's mlm+nsp)
+
+
+@dataclass(frozen=True)
+class EncoderNames:
+    """Where an encoder family keeps each layer: the base model's prefix, each block's modules (after
+    `layer`, which holds {i}) and the heads' (full names; None where the family has no such head)."""
+
+    base: str
+    layer: str
+    q: str
+    k: str
+    v: str
+    attn_out: str
+    norm1: str
+    fc: str
+    mlp_out: str
+    norm2: str
+    pooler: Optional[str]
+    mlm_dense: str
+    mlm_norm: str
+    mlm_decoder: str
+    mlm_bias: str
+
+
+_BERT_BLOCK = dict(q="attention.self.query", k="attention.self.key", v="attention.self.value",
+                   attn_out="attention.output.dense", norm1="attention.output.LayerNorm", fc="intermediate.dense",
+                   mlp_out="output.dense", norm2="output.LayerNorm")
+ENCODER_NAMES = {
+    "bert": EncoderNames("bert.", "bert.encoder.layer.{i}.", **_BERT_BLOCK, pooler="bert.pooler.dense",
+                         mlm_dense="cls.predictions.transform.dense", mlm_norm="cls.predictions.transform.LayerNorm",
+                         mlm_decoder="cls.predictions.decoder", mlm_bias="cls.predictions.bias"),
+    "roberta": EncoderNames("roberta.", "roberta.encoder.layer.{i}.", **_BERT_BLOCK, pooler="roberta.pooler.dense",
+                            mlm_dense="lm_head.dense", mlm_norm="lm_head.layer_norm", mlm_decoder="lm_head.decoder",
+                            mlm_bias="lm_head.bias"),
+    "distilbert": EncoderNames("distilbert.", "distilbert.transformer.layer.{i}.", q="attention.q_lin",
+                               k="attention.k_lin", v="attention.v_lin", attn_out="attention.out_lin",
+                               norm1="sa_layer_norm", fc="ffn.lin1", mlp_out="ffn.lin2", norm2="output_layer_norm",
+                               pooler=None, mlm_dense="vocab_transform", mlm_norm="vocab_layer_norm",
+                               mlm_decoder="vocab_projector", mlm_bias="vocab_projector.bias"),
+}
+
+
+def _encoder_checks(hf: dict[str, Any]) -> None:
+    kind = hf.get("position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise unsupported(hf, f"relative position embeddings (position_embedding_type={kind!r})")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise unsupported(hf, "a decoder or cross-attention (is_decoder, add_cross_attention)")
+
+
+def _with_heads(config: ModelConfig, hf: dict[str, Any], mlm: bool, pooler: bool, nsp: bool) -> ModelConfig:
+    if mlm and hf.get("model_type") == "roberta" and config.mlp != "gelu":
+        raise unsupported(hf, f"an MLM head with hidden_act {hf.get('hidden_act')!r} (RoBERTa's head uses gelu)")
+    task = "lm" if mlm else "features"
+    labels = dict(num_labels=2, labels=list(NSP_LABELS)) if nsp and pooler and mlm else {}
+    return dataclasses.replace(config, mlm_head=mlm, pooler=pooler, task=task, **labels)
+
+
+def encoder_heads(config: ModelConfig, hf: dict[str, Any], names: set[str]) -> ModelConfig:
+    """`config` with the heads whose weights are in `names` (full names, after the family's prefix)."""
+    if any(head in name for name in names for head in ("classifier.", "qa_outputs.")):
+        raise unsupported(hf, "a task head (sequence/token classification or question answering); chatforge "
+                              "reads the base model, masked-LM and pre-training checkpoints")
+    table = ENCODER_NAMES[hf["model_type"]]
+    mlm, pooler = table.mlm_dense + ".weight" in names, f"{table.pooler}.weight" in names
+    return _with_heads(config, hf, mlm, pooler, "cls.seq_relationship.weight" in names)
+
+
+def _heads_from_architectures(config: ModelConfig, hf: dict[str, Any]) -> ModelConfig:
+    """The heads config.json's `architectures` names (the weights, when read, have the last word)."""
+    arch = " ".join(hf.get("architectures") or [])
+    return _with_heads(config, hf, "MaskedLM" in arch or "PreTraining" in arch,
+                       hf["model_type"] != "distilbert" and "MaskedLM" not in arch, "PreTraining" in arch)
+
+
+def bert_to_config(hf: dict[str, Any]) -> ModelConfig:
+    """BERT, RoBERTa (positions numbered from padding_idx + 1, so max_position_embeddings has that many more)."""
+    _encoder_checks(hf)
+    roberta = hf.get("model_type") == "roberta"
+    offset = int(hf.get("pad_token_id", 1)) + 1 if roberta else 0
+    positions = _need(hf, "max_position_embeddings") - offset
+    if positions <= 0:
+        raise CheckpointError(f"config.json's max_position_embeddings leaves no position after padding_idx "
+                              f"(pad_token_id {offset - 1})")
+    config = ModelConfig(
+        vocab_size=_need(hf, "vocab_size"), block_size=positions, n_layer=_need(hf, "num_hidden_layers"),
+        n_head=_need(hf, "num_attention_heads"), n_embd=_need(hf, "hidden_size"),
+        intermediate_size=_need(hf, "intermediate_size"), pos_encoding="learned", position_offset=offset,
+        mlp=_activation(hf, "hidden_act", "gelu"), norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12),
+        bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), causal=False, post_norm=True,
+        embd_norm=True, type_vocab_size=hf.get("type_vocab_size", 1 if roberta else 2), pooling="cls")
+    return _heads_from_architectures(config, hf)
+
+
+def distilbert_to_config(hf: dict[str, Any]) -> ModelConfig:
+    """DistilBERT: BERT without segment embeddings or pooler, its LayerNorm epsilon fixed at 1e-12."""
+    _encoder_checks(hf)
+    config = ModelConfig(
+        vocab_size=_need(hf, "vocab_size"), block_size=_need(hf, "max_position_embeddings"),
+        n_layer=_need(hf, "n_layers"), n_head=_need(hf, "n_heads"), n_embd=_need(hf, "dim"),
+        intermediate_size=_need(hf, "hidden_dim"), pos_encoding="learned", mlp=_activation(hf, "activation", "gelu"),
+        norm="layernorm", norm_eps=1e-12, bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+        causal=False, post_norm=True, embd_norm=True, type_vocab_size=0, pooling="cls")
+    return _heads_from_architectures(config, hf)
+
+
+def _linear(plan: WeightMap, ours: str, theirs: str) -> None:
+    plan[ours + ".weight"] = one(theirs + ".weight")
+    plan[ours + ".bias"] = one(theirs + ".bias")
+
+
+def encoder_plan(config: ModelConfig, hf: dict[str, Any]) -> WeightMap:
+    """BERT's, RoBERTa's and DistilBERT's layout: one table of names per family (ENCODER_NAMES)."""
+    names = ENCODER_NAMES[hf["model_type"]]
+    e, d = names.base + "embeddings.", config.n_embd
+    plan: WeightMap = {"wte.weight": one(e + "word_embeddings.weight"), "wpe.weight": one(e + "position_embeddings.weight")}
+    if config.type_vocab_size:
+        plan["wtt.weight"] = one(e + "token_type_embeddings.weight")
+    _linear(plan, "embd_norm", e + "LayerNorm")
+    for i in range(config.n_layer):
+        ours, layer = f"blocks.{i}.", names.layer.format(i=i)
+        for suffix in ("weight", "bias"):
+            plan[ours + "attn.qkv." + suffix] = stacked(
+                tuple(f"{layer}{part}.{suffix}" for part in (names.q, names.k, names.v)), (d, d, d))
+        for mine, theirs in (("attn.proj", names.attn_out), ("norm1", names.norm1), ("mlp.fc", names.fc),
+                             ("mlp.proj", names.mlp_out), ("norm2", names.norm2)):
+            _linear(plan, ours + mine, layer + theirs)
+    if config.pooler:
+        _linear(plan, "pooler", names.pooler)
+    if config.mlm_head:
+        _linear(plan, "lm_transform.dense", names.mlm_dense)
+        _linear(plan, "lm_transform.norm", names.mlm_norm)
+        plan["lm_head.bias"] = one(names.mlm_bias)
+        if not config.tie_embeddings:
+            plan["lm_head.weight"] = one(names.mlm_decoder + ".weight")
+    if config.num_labels:  # BertForPreTraining's next-sentence head
+        _linear(plan, "classifier", "cls.seq_relationship")
+    return plan
+
+
+def _encoder_common(config: ModelConfig) -> dict[str, Any]:
+    return {"vocab_size": config.vocab_size, "max_position_embeddings": config.block_size + config.position_offset,
+            "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std}
+
+
+def bert_from_config(config: ModelConfig) -> dict[str, Any]:
+    out = {**_encoder_common(config), "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
+           "num_attention_heads": config.n_head, "intermediate_size": config.ffn_dim,
+           "hidden_act": _ACTIVATION_NAMES[config.mlp], "hidden_dropout_prob": config.dropout,
+           "attention_probs_dropout_prob": config.dropout, "type_vocab_size": config.type_vocab_size,
+           "layer_norm_eps": config.norm_eps, "position_embedding_type": "absolute", "is_decoder": False}
+    if config.position_offset:  # RoBERTa: its padding_idx is the pad token's id, one below the first position
+        out["pad_token_id"] = config.position_offset - 1
+    return out
+
+
+def distilbert_from_config(config: ModelConfig) -> dict[str, Any]:
+    return {**_encoder_common(config), "dim": config.n_embd, "n_layers": config.n_layer, "n_heads": config.n_head,
+            "hidden_dim": config.ffn_dim, "activation": _ACTIVATION_NAMES[config.mlp], "dropout": config.dropout,
+            "attention_dropout": config.dropout, "sinusoidal_pos_embds": False}
+
+
+def _encoder_class(base: str) -> Callable[[ModelConfig], str]:
+    def architecture(config: ModelConfig) -> str:
+        if config.mlm_head:
+            return f"{base}ForPreTraining" if config.num_labels else f"{base}ForMaskedLM"
+        return f"{base}Model"
+
+    return architecture
+
+
+# tensors encoder files carry that are not weights of ours: buffers, and the tied decoder's copies
+_ENCODER_IGNORED = ("embeddings.position_ids", "embeddings.token_type_ids", "predictions.decoder.weight",
+                    "predictions.decoder.bias", "lm_head.decoder.weight", "lm_head.decoder.bias",
+                    "vocab_projector.weight")
+
+
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("gpt2", "GPT2LMHeadModel", "transformer.", gpt2_to_config, gpt_plan, gpt2_from_config,
                    ignored=(".attn.bias", ".attn.masked_bias")),
@@ -437,6 +630,15 @@ FAMILIES: dict[str, Family] = {
                           gemma3_from_config),
     # exported as Llama or Mistral, which compute the same: no from_config
     "phi3": Family("phi3", "Phi3ForCausalLM", "model.", phi3_to_config, llama_plan, None),
+    "bert": Family("bert", "BertForMaskedLM", "bert.", bert_to_config, encoder_plan, bert_from_config,
+                   ignored=_ENCODER_IGNORED, top_level=("cls.",), heads=encoder_heads,
+                   architecture_of=_encoder_class("Bert")),
+    "roberta": Family("roberta", "RobertaForMaskedLM", "roberta.", bert_to_config, encoder_plan, bert_from_config,
+                      ignored=_ENCODER_IGNORED, heads=encoder_heads, architecture_of=_encoder_class("Roberta")),
+    "distilbert": Family("distilbert", "DistilBertForMaskedLM", "distilbert.", distilbert_to_config, encoder_plan,
+                         distilbert_from_config, ignored=_ENCODER_IGNORED,
+                         top_level=("vocab_transform.", "vocab_layer_norm.", "vocab_projector."), heads=encoder_heads,
+                         architecture_of=_encoder_class("DistilBert")),
 }
 # model types chatforge knows and refuses, with what to pick instead
 REFUSED = {
@@ -454,7 +656,11 @@ def export_family(config: ModelConfig) -> Family:
         return ChatforgeError(f"cannot export to Hugging Face format: {why}")
 
     if not config.causal:
-        raise no("causal=False (a bidirectional encoder) has no causal-LM equivalent in transformers")
+        return _encoder_export(config, no)
+    if config.post_norm:
+        raise no("post_norm in a causal model: transformers' causal LMs normalise before each branch")
+    if config.mlm_head:
+        raise no("a masked-LM head (mlm_head) on a causal model")
     if config.type_vocab_size:
         raise no("segment embeddings (type_vocab_size) have no transformers causal-LM equivalent")
     if config.embd_norm:
@@ -538,3 +744,52 @@ def _gemma3_export(config: ModelConfig, gemma: dict[str, bool], qkv_bias: bool,
         raise no(f"attn_scale={config.attn_scale}: Gemma 3 scales by query_pre_attn_scalar ** -0.5 with a whole "
                  "number query_pre_attn_scalar")
     return FAMILIES["gemma3_text"]
+
+
+def _encoder_export(config: ModelConfig, no: Callable[[str], ChatforgeError]) -> Family:
+    """BERT, RoBERTa or DistilBERT: post-norm encoders with learned positions, biases and an embedding LayerNorm."""
+    qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+    checks = {
+        "pre-norm blocks (post_norm=False): BERT-family encoders normalise after each residual add; train "
+                "with --post-norm": not config.post_norm,
+        "no norm after the embeddings (embd_norm=False)": not config.embd_norm,
+        f"pos_encoding={config.pos_encoding!r} (BERT-family encoders learn their positions)":
+            config.pos_encoding != "learned",
+        f"norm={config.norm!r} (BERT-family encoders use layernorm)": config.norm != "layernorm",
+        "bias=False or qkv_bias=False (BERT-family encoders have biases everywhere)": not (config.bias and qkv_bias),
+        "grouped-query attention (n_kv_head)": config.kv_heads != config.n_head,
+        "head_dim * n_head != n_embd": config.dim_head * config.n_head != config.n_embd,
+        f"attn_scale={config.attn_scale}": config.attn_scale is not None and not math.isclose(
+            config.attn_scale, config.dim_head ** -0.5),
+        f"mlp={config.mlp!r} (BERT-family encoders use gelu, gelu_tanh or relu)": config.mlp in ("swiglu",
+                                                                                                 "geglu_tanh"),
+        "sliding-window attention": config.sliding_window is not None,
+        "qk_norm, sandwich_norm or embd_scale": config.qk_norm or config.sandwich_norm or config.embd_scale is not None,
+        "a classifier (task='classify'): export the encoder it was fine-tuned from": config.task == "classify",
+        "a masked-LM head without BERT's transform (train with --mlm-head for one transformers has)":
+            config.task == "lm" and not config.mlm_head,
+    }
+    for why, bad in checks.items():
+        if bad:
+            raise no(f"encoder with {why}")
+    nsp = bool(config.num_labels)
+    if nsp and not (config.num_labels == 2 and config.pooler and config.pooling == "cls"):
+        raise no("a sequence head other than BERT's next-sentence head (pooler + 2 labels over [CLS])")
+    if config.position_offset:
+        if nsp or not config.type_vocab_size:
+            raise no("position_offset (RoBERTa) with a next-sentence head or without segment embeddings: RoBERTa "
+                     "has segment embeddings and no next-sentence head")
+        if config.mlm_head and config.mlp != "gelu":
+            raise no(f"a RoBERTa-style (position_offset) masked-LM head with mlp={config.mlp!r}: RoBERTa's uses gelu")
+        return FAMILIES["roberta"]
+    if not config.type_vocab_size:
+        if nsp or config.pooler or config.norm_eps != 1e-12:
+            raise no("no segment embeddings (DistilBERT's layout) with a pooler, a next-sentence head or norm_eps "
+                     f"{config.norm_eps} (DistilBERT has neither head, and norm_eps 1e-12)")
+        return FAMILIES["distilbert"]
+    return FAMILIES["bert"]
+
+
+def architecture(family: Family, config: ModelConfig) -> str:
+    """The transformers class a model of `config` is written as."""
+    return family.architecture_of(config) if family.architecture_of is not None else family.architecture

@@ -8,6 +8,7 @@ Hub ids become directories in formats.hf.hub.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -49,7 +50,10 @@ def read_hf(path: str | Path, device: str | torch.device = "cpu",
         config = family.to_config(hf)
     except ConfigError as e:
         raise CheckpointError(f"{directory / 'config.json'} describes an impossible model: {e}") from None
-    weights = Weights(directory, family.prefix)
+    weights = Weights(directory, family.prefix, family.top_level)
+    if family.heads is not None:  # encoders: the heads the weights carry decide the config's
+        config = family.heads(config, hf, weights.names())
+    config = sentence_options(directory, config)
     state = gather(family.plan(config, hf), config, weights, dtype or _stored_dtype(hf, weights), family)
     del weights  # a .bin memory map now lives on only through the tensors adopted as they were
     model = build_model(config, state, device=device, source=str(directory))
@@ -114,20 +118,62 @@ def part_shapes(shape: tuple[int, ...], src: Source) -> list[tuple[int, ...]]:
 # --- tokenizers ---------------------------------------------------------------------------
 
 def read_hf_tokenizer(directory: Path) -> Tokenizer:
-    """tokenizer.json, or GPT-2-style vocab.json + merges.txt; the chat template from wherever it is kept."""
+    """tokenizer.json, GPT-2-style vocab.json + merges.txt, or BERT's WordPiece vocab.txt; the chat template
+    from wherever it is kept."""
     if (directory / "tokenizer.json").is_file():
         tok = Tokenizer.load(directory)
     elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
         tok = _byte_level_bpe(directory)
+    elif (directory / "vocab.txt").is_file():
+        tok = _wordpiece(directory)
     elif (directory / "tokenizer.model").is_file():
         raise CheckpointError(f"{directory} has only a SentencePiece tokenizer.model; chatforge reads tokenizer.json. "
                               "Convert it once with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
     else:
-        raise CheckpointError(f"{directory} has no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+        raise CheckpointError(f"{directory} has no tokenizer (tokenizer.json, vocab.json + merges.txt, or vocab.txt)")
     jinja = directory / "chat_template.jinja"  # where transformers >= 4.50 saves it
     if tok.chat_template is None and jinja.is_file():
         tok.chat_template = jinja.read_text()
     return tok
+
+
+def _tokenizer_conf(directory: Path) -> dict[str, Any]:
+    """special_tokens_map.json updated by tokenizer_config.json (the latter wins), {} where neither is."""
+    conf: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{directory / name} is not valid JSON ({e})") from None
+        conf.update(data if isinstance(data, dict) else {})
+    return conf
+
+
+def _token_text(value: Any) -> Optional[str]:
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
+def _wordpiece(directory: Path) -> Tokenizer:
+    """BERT's vocab.txt (one token per line, its id the line number) with tokenizer_config.json's lower-casing,
+    accent stripping and CJK handling, as transformers' BertTokenizer reads them."""
+    conf = _tokenizer_conf(directory)
+    try:
+        lines = (directory / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{directory / 'vocab.txt'} is not UTF-8 text ({e})") from None
+    if lines and lines[-1] == "":
+        lines.pop()
+    vocab: dict[str, int] = {}
+    for token in lines:
+        vocab.setdefault(token.rstrip("\r"), len(vocab))
+    special = {role: _token_text(conf.get(key)) or default
+               for role, key, default in (("pad", "pad_token", "[PAD]"), ("unk", "unk_token", "[UNK]"),
+                                          ("cls", "cls_token", "[CLS]"), ("sep", "sep_token", "[SEP]"),
+                                          ("mask", "mask_token", "[MASK]"))}
+    return Tokenizer.wordpiece(vocab, lowercase=bool(conf.get("do_lower_case", True)),
+                               strip_accents=conf.get("strip_accents"),
+                               chinese_chars=bool(conf.get("tokenize_chinese_chars", True)), special=special)
 
 
 def _byte_level_bpe(directory: Path) -> Tokenizer:
@@ -135,13 +181,7 @@ def _byte_level_bpe(directory: Path) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
-    conf: dict[str, Any] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
-        try:
-            data = json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{directory / name} is not valid JSON ({e})") from None
-        conf.update(data if isinstance(data, dict) else {})
+    conf = _tokenizer_conf(directory)
     try:
         hf = HFTokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
@@ -150,9 +190,8 @@ def _byte_level_bpe(directory: Path) -> Tokenizer:
     hf.decoder = decoders.ByteLevel()
     specials = []
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        tok = conf.get(key)
-        tok = tok.get("content") if isinstance(tok, dict) else tok
-        if isinstance(tok, str) and hf.token_to_id(tok) is not None:
+        tok = _token_text(conf.get(key))
+        if tok is not None and hf.token_to_id(tok) is not None:
             specials.append(tok)
     hf.add_special_tokens(sorted(set(specials)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,4 +200,58 @@ def _byte_level_bpe(directory: Path) -> Tokenizer:
         return Tokenizer.load(tmp)
 
 
-__all__ = ["read_hf", "read_hf_tokenizer", "family_of"]
+# --- sentence-transformers ------------------------------------------------------------------------
+
+_ST = "sentence_transformers.models."
+
+
+def sentence_options(directory: Path, config: ModelConfig) -> ModelConfig:
+    """`config` with a sentence-transformers directory's embedding settings: modules.json's pipeline
+    (Transformer, Pooling, optional Normalize), 1_Pooling/config.json's mode and sentence_bert_config.json's
+    max_seq_length. Modules chatforge does not compute (Dense, ...) are refused, naming them."""
+    modules_path = directory / "modules.json"
+    if not modules_path.is_file():
+        return config
+    modules = _json(modules_path)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise CheckpointError(f"{modules_path} is not a list of modules")
+    kinds = [str(m.get("type", "")).removeprefix(_ST) for m in modules]
+    unknown = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+    if unknown:
+        raise ChatforgeError(f"{directory} is a sentence-transformers model with modules chatforge does not compute "
+                             f"({', '.join(unknown)}); it runs Transformer, Pooling and Normalize")
+    options: dict[str, Any] = {"normalize": "Normalize" in kinds}
+    pooling = next((m for m, k in zip(modules, kinds) if k == "Pooling"), None)
+    if pooling is not None:
+        pooling_path = directory / str(pooling.get("path") or "1_Pooling") / "config.json"
+        conf = _json(pooling_path) if pooling_path.is_file() else {"pooling_mode_mean_tokens": True}
+        modes = [k.removeprefix("pooling_mode_") for k, v in conf.items() if k.startswith("pooling_mode_") and v is True]
+        if isinstance(conf.get("pooling_mode"), str):  # newer files may name the one mode
+            modes = [conf["pooling_mode"]]
+        known = {"cls_token": "cls", "cls": "cls", "mean_tokens": "mean", "mean": "mean", "max_tokens": "max",
+                 "max": "max", "lasttoken": "last"}
+        if len(modes) != 1 or modes[0] not in known:
+            asked = ", ".join(modes) or "none"
+            raise ChatforgeError(f"{pooling_path} asks for pooling chatforge does not compute ({asked}); it pools "
+                                 "one of cls, mean, max or last token")
+        options["pooling"] = known[modes[0]]
+    st_conf = directory / "sentence_bert_config.json"
+    if st_conf.is_file():
+        conf = _json(st_conf)
+        if conf.get("do_lower_case"):
+            raise ChatforgeError(f"{st_conf} lower-cases input before its tokenizer (do_lower_case), which chatforge "
+                                 "does not do")
+        limit = conf.get("max_seq_length")
+        if isinstance(limit, int) and 0 < limit < config.block_size:  # else the whole context
+            options["embed_max_len"] = limit
+    return dataclasses.replace(config, **options)
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
+
+
+__all__ = ["read_hf", "read_hf_tokenizer", "family_of", "sentence_options"]
