@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--only B1,B1-converge,B2,B3,B4,B4-125m,B5,B5-gguf,compile] [--threads N] [--rounds N]
+"""python -m benchmarks [--quick] [--only B1,B1-converge,B2,B3,B4,B4-125m,B5,B5-gguf,B6-embed,compile] [--threads N] [--rounds N]
 
 Runs the benchmarks side by side with their peers, prints the ratios, merges the results into
 benchmarks/results/latest.json and renders docs/benchmarks.md from it (both paths can be changed).
@@ -19,7 +19,7 @@ import torch
 from . import report
 from .common import ROOT, load_average, machine
 
-ALL = ("B1", "B1-converge", "B2", "B3", "B4", "B4-125m", "B5", "B5-gguf", "compile")
+ALL = ("B1", "B1-converge", "B2", "B3", "B4", "B4-125m", "B5", "B5-gguf", "B6-embed", "compile")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -89,6 +89,11 @@ def run_selected(args: argparse.Namespace, save: Callable[[dict[str, dict]], Non
 
         t0, load = time.perf_counter(), load_average()
         record("B5-gguf", gguf_memory.run(quick=args.quick, threads=torch.get_num_threads()), t0, load)
+    if "B6-embed" in args.only:
+        from . import embeddings
+
+        t0, load = time.perf_counter(), load_average()
+        record("B6-embed", embeddings.run(quick=args.quick, rounds=args.rounds), t0, load)
     if "compile" in args.only:
         from . import compile_check
 

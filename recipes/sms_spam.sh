@@ -26,13 +26,13 @@
 #   pre-trained, 312 training SMS           0.9534    0.8897   (val 0.9677)
 #   random init, 312 training SMS           0.9516    0.8784   (val 0.9480)
 set -euo pipefail
-if [ $# -lt 3 ]; then
+STAGES=${STAGES:-split pretrain finetune scratch few}
+if [ $# -lt 2 ] || { [ $# -lt 3 ] && [[ " $STAGES " == *" pretrain "* ]]; }; then  # PROSE_FILE: for pretrain
     sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 SMS=$1 OUT=$2
 shift 2
-STAGES=${STAGES:-split pretrain finetune scratch few}
 export PRETRAIN_STEPS=${PRETRAIN_STEPS:-900} FINETUNE_STEPS=${FINETUNE_STEPS:-1000} FEW_FRACTION=${FEW_FRACTION:-0.07}
 export OMP_NUM_THREADS=${THREADS:-1}  # on a small shared CPU one thread is much faster than several
 export SMS OUT

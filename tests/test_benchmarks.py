@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -38,6 +40,18 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     merged = json.loads(out.read_text())["results"]
     assert set(merged) == set(results) and merged["B3"]["when"] >= results["B3"]["when"]
+
+
+def test_quick_embedding_benchmark_compares_with_sentence_transformers(tmp_path):
+    """B6-embed: chatforge's sentence-embedding pipeline and sentence-transformers' encode on one tiny model."""
+    pytest.importorskip("sentence_transformers")
+    out, md = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    done = run_benchmarks("--only", "B6-embed", "--json", str(out), "--markdown", str(md))
+    assert done.returncode == 0, done.stderr[-3000:]
+    b6 = json.loads(out.read_text())["results"]["B6-embed"]
+    assert {"chatforge fp32", "sentence-transformers fp32"} <= set(b6["rows"]) and b6["ratios"]["fp32"] > 0
+    assert b6["vectors_agree_fp32"] and b6["tokens_per_text"] == [32]  # every text cut to the same length
+    assert "## B6-embed: sentence-embedding throughput" in md.read_text()
 
 
 def test_unknown_benchmark_is_refused():

@@ -26,13 +26,14 @@ BAD = "qvw jbq wvj bbq".split()
 FILLER = "the a film it and so on he me".split()
 
 
-def reviews(n: int, seed: int = 0) -> list[tuple[str, str]]:
+def reviews(n: int, seed: int = 0, words=(GOOD, BAD, FILLER)) -> list[tuple[str, str]]:
     """(text, label): a text is good or bad by the one mood word among filler words."""
+    good, bad, filler = words
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         label = "good" if i % 3 else "bad"  # two good for each bad
-        words = list(rng.choice(FILLER, 3)) + [rng.choice(GOOD if label == "good" else BAD)]
+        words = list(rng.choice(filler, 3)) + [rng.choice(good if label == "good" else bad)]
         rng.shuffle(words)
         rows.append((" ".join(words), label))
     return rows

@@ -206,3 +206,20 @@ def test_fused_linear_gelu_matches_the_separate_ops(monkeypatch):
         ref = m(ids).float()  # autograd on: the separate ops
         assert not calls
         assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_linear_fast_paths_leave_autocast_alone():
+    """A block of rows inside CPU autocast (a bf16 evaluation during training) gets autocast's bf16 multiply,
+    and the once-per-process oneDNN timing, when first asked from inside autocast, still measures fp32."""
+    import chatforge.model as model_module
+
+    model_module._onednn_pays.cache_clear()
+    layer = model_module.Linear(384, 1536)
+    x = torch.randn(2, 128, 384)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+        assert layer.fused_gelu(x).dtype == torch.bfloat16
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)

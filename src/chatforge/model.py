@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from typing import Optional
 
 import torch
@@ -125,11 +126,55 @@ def _fused_gelu_works() -> bool:
     return bool(torch.allclose(y.float(), F.gelu(F.linear(x, w, b).float(), approximate="tanh"), atol=0.1, rtol=0.02))
 
 
+# rows from which an inference multiply may go to oneDNN (a prefill, a batch of texts to embed); fewer
+# rows (decoding) stay with the kernels below, measured for them
+_ONEDNN_MIN_ROWS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_pays(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear beats F.linear on this CPU for a block of rows of `dtype`: measured once
+    per process (a 256 x 384 x 1536 multiply, best of 3 each), not assumed. bf16 always goes there when
+    the op works. In fp32 F.linear is MKL's sgemm, which on an AMD EPYC (AVX-512) ran 1.35x slower than
+    oneDNN's; on CPUs where MKL is as fast, F.linear stays."""
+    if not _fused_gelu_works():
+        return False
+    if dtype == torch.bfloat16:
+        return True
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g, dtype=dtype) for shape in ((256, 384), (1536, 384), (1536,)))
+    with torch.autocast("cpu", enabled=False):  # measured as called: in `dtype`, whatever context asked first
+        try:
+            fast = _LINEAR_POINTWISE(x, w, b, "none", [], "")
+        except (RuntimeError, TypeError):
+            return False
+        if not torch.allclose(fast, F.linear(x, w, b), atol=1e-4, rtol=1e-4):
+            return False
+        best = {"mkl": float("inf"), "onednn": float("inf")}
+        for _ in range(3):
+            for name, run in (("mkl", lambda: F.linear(x, w, b)),
+                              ("onednn", lambda: _LINEAR_POINTWISE(x, w, b, "none", [], ""))):
+                t0 = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best["onednn"] < 0.9 * best["mkl"]
+
+
+def _onednn_rows(x: torch.Tensor) -> bool:
+    """Whether x (a block of rows, inference on a CPU) should be multiplied by oneDNN."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")  # autocast decides the dtype of its multiplies itself
+            and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1] and _onednn_pays(x.dtype))
+
+
 class Linear(nn.Linear):
-    """nn.Linear that sends one row of reduced-precision input to torch's matrix-vector kernel.
+    """nn.Linear with CPU inference fast paths, chosen by the shape and dtype of what comes in.
 
     Batch-1 decoding multiplies a single row by every weight. On CPUs torch's bf16 GEMM does
     that 1.5-2.5x slower than its bf16 GEMV (fp32 is as fast either way), so one row takes addmv.
+    A block of rows outside autograd (a prefill, texts to embed) goes to oneDNN where that was
+    measured faster (`_onednn_pays`), which also adds the bias as it writes the output (F.linear's
+    addmm first copies the bias into every row).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,17 +182,20 @@ class Linear(nn.Linear):
             row = x.reshape(-1)
             y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
             return y.view(*x.shape[:-1], y.shape[-1])
+        if _onednn_rows(x) and self.weight.dtype == x.dtype:
+            return _LINEAR_POINTWISE(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def fused_gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-        """GELU(self(x)). For many rows of bf16 on a CPU, outside autograd (inference, a prefill), one
+        """GELU(self(x)). For a block of rows on a CPU, outside autograd (inference, a prefill), one
         oneDNN call applies the GELU as the multiply writes its output: run separately, torch's GELU
-        pass costs about as much as the multiply itself.
+        pass costs about as much as the multiply itself in bf16 (in fp32 it is ~20% of the multiply).
 
         A capability, not a type: MLP uses it on any layer that has it. Layers that replace this
         one (LoRA, quantized) simply do not have it, and get the separate GELU."""
-        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() != x.shape[-1]
-                and not torch.is_grad_enabled() and _fused_gelu_works()):
+        if x.numel() != x.shape[-1] and self.weight.dtype == x.dtype and (
+                _onednn_rows(x) or (x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                                    and not torch.is_grad_enabled() and _fused_gelu_works())):
             return _LINEAR_POINTWISE(x, self.weight, self.bias, "gelu", [], approximate)
         return F.gelu(self(x), approximate=approximate)
 

@@ -165,8 +165,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("classify")
     g.add_argument("--test-data", default=None, help="labelled test table (default: a split of --data)")
     g.add_argument("--test-fraction", type=float, default=0.1, help="held out for test when --test-data is absent")
-    g.add_argument("--pooling", choices=("cls", "last", "mean"), default=None,
-                   help="cls for encoders, last for decoders by default")
+    g.add_argument("--pooling", choices=("cls", "last", "mean", "max"), default=None,
+                   help="default: an encoder's sentence-transformers pooling (mean for all-MiniLM-L6-v2), else cls; "
+                        "last for decoders")
     g.add_argument("--metric", dest="classify_metric", choices=("accuracy", "macro_f1"),
                    default="accuracy", help="picks the best checkpoint and drives early stopping")
     g.add_argument("--dropout", type=float, default=0.1)

@@ -92,7 +92,7 @@ class Embedder:
         return out
 
     # --- the model ----------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def _batches(self, rows: list[list[int]], progress: Optional[Callable[[int], None]]):
         """(indices, hidden states (B, T, C), attention mask (B, T)) per batch, longest rows first."""
         if any(not r for r in rows):

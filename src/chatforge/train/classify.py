@@ -7,8 +7,10 @@
                         text_column="SMS", label_column="Label", metric="macro_f1")
 
 The base model keeps every weight; only its sequence-level head is new: a linear layer
-over [CLS] for encoders (after BERT's pooler when the base has one), over the last real
-token or the mean of all tokens for decoders. Data is CSV, TSV or JSONL, read and encoded by
+over [CLS] for encoders (after BERT's pooler when the base has one) or over the mean of their
+tokens where the checkpoint's sentence-transformers config pools so (all-MiniLM-L6-v2), over
+the last real token or the mean of all tokens for decoders. The base is anything the loader
+reads: a chatforge checkpoint, a Hugging Face encoder or decoder directory or id, a catalogue name. Data is CSV, TSV or JSONL, read and encoded by
 data/tables.py; without a validation (or test) file a stratified, seeded split of the data is
 held out. What is particular to classification is here (the head, the Classification
 objective, its metrics, the report); the run around it is the training frame's. The Trainer
@@ -146,19 +148,29 @@ def with_classifier(model: Transformer, labels: Sequence[str], *, pooling: Optio
 
     Every other weight (embeddings, blocks, final norm, BERT's pooler) is the base model's, unless
     random_init=True, which keeps only the shape: the same model trained from scratch, for comparison.
+    pooling: None = "last" for decoders, the base config's pooling for encoders (what a sentence-transformers
+    directory's Pooling module says, e.g. mean for all-MiniLM-L6-v2; else cls). The base's pooler (BERT's
+    dense + tanh, trained on [CLS]) is kept only with cls pooling. Any encoder becomes a classifier: one
+    pre-trained with an LM head, with a next-sentence head, or a task="features" one (BertModel,
+    sentence-transformers' models) that has none.
     """
     base = model.config
-    pooling = pooling or ("last" if base.causal else "cls")
+    # an encoder pools as its config says: a sentence-transformers model's Pooling module (all-MiniLM-L6-v2:
+    # mean), else [CLS]; a decoder's only summary of the whole input is its last token
+    pooling = pooling or ("last" if base.causal else base.pooling)
     if pooling not in POOLINGS:
         raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if pooling == "cls" and base.causal:
         raise ConfigError("a decoder's first token sees nothing after it: use --pooling last or mean")
+    # BERT's pooler (dense + tanh) was trained on [CLS] alone; over any other pooled vector it is dropped
+    pooler = base.pooler and pooling == "cls"
     config = dataclasses.replace(base, task="classify", num_labels=len(labels), labels=list(labels), pooling=pooling,
-                                 dropout=base.dropout if dropout is None else dropout)
+                                 pooler=pooler, normalize=False, dropout=base.dropout if dropout is None else dropout)
     torch.manual_seed(seed)
     new = Transformer(config)
     if not random_init:
-        kept = {k: v for k, v in model_state(model).items() if not k.startswith("classifier.")}
+        dropped = ("classifier.",) if pooler else ("classifier.", "pooler.")
+        kept = {k: v for k, v in model_state(model).items() if not k.startswith(dropped)}
         missing, unexpected = new.load_state_dict(kept, strict=False)
         assert not unexpected and set(missing) <= {"classifier.weight", "classifier.bias", "lm_head.weight"}, missing
     return new
@@ -178,7 +190,8 @@ def finetune_classifier(data: str | Path, base_model: str, train_config: TrainCo
 
     val_data / test_data: separate files; without them a stratified seeded split of `data` (by
         val_fraction / test_fraction, seed = train_config.seed) is held out. test_fraction=0: no test.
-    pooling: cls (encoders' default), last (decoders' default), mean or max.
+    pooling: cls, last, mean or max; None = the encoder's own (its sentence-transformers pooling, else cls),
+        last for decoders (see with_classifier).
     metric: accuracy or macro_f1, what picks the best checkpoint and drives early stopping
         (train_config.patience); the model ends with the best evaluation's weights.
     dropout: dropout of the fine-tuned model (None = the base model's); weight decay is train_config's.
