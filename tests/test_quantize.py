@@ -135,12 +135,20 @@ def dequantized_twin(model: Transformer, quantized: torch.nn.Module) -> Transfor
     return twin
 
 
-def test_int4_packing_is_the_cpu_kernels_layout():
+def test_int4_kernel_is_used_only_where_torch_packs_as_we_do():
+    """torch's packed int4 layout depends on the CPU (AVX-512 machines pack blocks of 64 rows as pack_int4
+    does; AVX2 ones do not): the run-time check must agree with what torch really does here, and a layer
+    whose layout torch would read differently must not call the kernel."""
+    from chatforge.quantize import _kernel_layout_matches
+
     convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
     if convert is None:
         pytest.skip("this torch has no int4 CPU kernel")
     q = torch.randint(0, 16, (192, 256), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(pack_int4(q.to(torch.uint8)), convert(q.to(torch.int32), 2))
+    same = torch.equal(pack_int4(q.to(torch.uint8)), convert(q.to(torch.int32), 2))
+    assert _kernel_layout_matches() == same
+    layer = Int4Linear.from_linear(torch.nn.Linear(256, 192), torch.float32)
+    assert layer.kernel_ok == same
 
 
 def test_quantize_int4_round_trip():
