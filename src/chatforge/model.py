@@ -162,9 +162,10 @@ def _onednn_pays(dtype: torch.dtype) -> bool:
 
 def _onednn_rows(x: torch.Tensor) -> bool:
     """Whether x (a block of rows, inference on a CPU) should be multiplied by oneDNN."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+    return (x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1]  # first: decoding steps leave here at once
+            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")  # autocast decides the dtype of its multiplies itself
-            and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1] and _onednn_pays(x.dtype))
+            and _onednn_pays(x.dtype))
 
 
 class Linear(nn.Linear):
