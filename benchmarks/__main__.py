@@ -1,4 +1,5 @@
-"""python -m benchmarks [--quick] [--only B1,B1-converge,B2,B3,B4,B4-125m,B5,B5-gguf,B6-embed,compile] [--threads N] [--rounds N]
+"""python -m benchmarks [--quick] [--only B1,B1-converge,B2,B2-llamacpp,B3,B4,B4-125m,B5,B5-gguf,B6-embed,B7-grammar,compile]
+                       [--threads N] [--rounds N]
 
 Runs the benchmarks side by side with their peers, prints the ratios, merges the results into
 benchmarks/results/latest.json and renders docs/benchmarks.md from it (both paths can be changed).
@@ -19,7 +20,7 @@ import torch
 from . import report
 from .common import ROOT, load_average, machine
 
-ALL = ("B1", "B1-converge", "B2", "B3", "B4", "B4-125m", "B5", "B5-gguf", "B6-embed", "compile")
+ALL = ("B1", "B1-converge", "B2", "B2-llamacpp", "B3", "B4", "B4-125m", "B5", "B5-gguf", "B6-embed", "B7-grammar", "compile")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -69,6 +70,17 @@ def run_selected(args: argparse.Namespace, save: Callable[[dict[str, dict]], Non
         for name in ("B2", "B3"):
             if name in args.only:
                 record(name, both[name], t0, load)
+    if "B2-llamacpp" in args.only:
+        from . import llamacpp
+
+        t0, load = time.perf_counter(), load_average()
+        result = llamacpp.run(quick=args.quick, rounds=min(args.rounds, 3),
+                              threads=[args.threads] if args.threads else None)
+        print(llamacpp.table(result), flush=True)
+        record("B2-llamacpp", result, t0, load)
+        if not args.quick and "skipped" not in result:  # docs/benchmarks.md shows it from benchmarks/notes/
+            llamacpp.write_note(result, result["command"], result["when"])
+            save(results)
     if "B4" in args.only:
         from . import serve_load
 
@@ -94,6 +106,11 @@ def run_selected(args: argparse.Namespace, save: Callable[[dict[str, dict]], Non
 
         t0, load = time.perf_counter(), load_average()
         record("B6-embed", embeddings.run(quick=args.quick, rounds=args.rounds), t0, load)
+    if "B7-grammar" in args.only:
+        from . import grammar
+
+        t0, load = time.perf_counter(), load_average()
+        record("B7-grammar", grammar.run(quick=args.quick, rounds=min(args.rounds, 3)), t0, load)
     if "compile" in args.only:
         from . import compile_check
 

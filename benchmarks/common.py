@@ -86,15 +86,17 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / m if m else 0.0
 
 
-def memory_bandwidth(mib: int = 1024, repeats: int = 3) -> float:
-    """Read bandwidth in bytes/s: the best of `repeats` sums, on every core, over a buffer larger than the caches.
+def memory_bandwidth(mib: int = 1024, repeats: int = 3, threads: Optional[int] = None) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` sums, on `threads` threads (default: every core),
+    over a buffer larger than the caches.
 
     Decoding one token reads every weight once, so this over the bytes of weights is the
     speed limit of batch-1 decoding (the bound B2 reports against).
     """
     buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or threads)  # one core cannot saturate the memory bus: use them all
+    before = torch.get_num_threads()
+    # one core cannot saturate the memory bus: by default use them all
+    torch.set_num_threads(threads or os.cpu_count() or before)
     best = float("inf")
     try:
         for _ in range(repeats):
@@ -102,7 +104,7 @@ def memory_bandwidth(mib: int = 1024, repeats: int = 3) -> float:
             buf.sum()
             best = min(best, time.perf_counter() - t0)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return buf.numel() * 4 / best
 
 

@@ -14,6 +14,7 @@ TARGETS = {
     "B5": "int8 peak memory <= 0.35x fp32's",
     "B5-gguf": "loading the SmolLM2-135M Q4_1 GGUF as int4 adds < 2x the file's size to the peak memory",
     "B6-embed": "sentence embeddings (batch 32, 128 tokens) >= 1.5x the texts/s of sentence-transformers' encode",
+    "B7-grammar": "decoding under a JSON schema at >= 0.85x the tokens/s of free decoding, batch 1 and 8",
     "compile": "torch.compile used only where it pays; compiled equal to eager",
 }
 
@@ -49,7 +50,7 @@ def markdown(data: dict) -> str:
     out += _notes(results)
     for name, render in (("B1", _b1), ("B1-converge", _b1c), ("B2", _b2), ("B3", _b3), ("B4", _b4),
                          ("B4-125m", _b4), ("B5", _b5), ("B5-gguf", _b5_gguf), ("B6-embed", _b6),
-                         ("compile", _compile)):
+                         ("B7-grammar", _b7), ("compile", _compile)):
         r = results.get(name)
         out.append(f"## {name}: {_TITLES[name]}")
         out.append("")
@@ -83,6 +84,7 @@ _TITLES = {"B1": "training tokens/s", "B1-converge": "wall time to validation lo
            "B2": "batch-1 decoding", "B3": "prefill (time to first token)", "B4": "serving load",
            "B4-125m": "serving load, 125M-shaped model in bf16", "B5": "peak memory to load and generate",
            "B5-gguf": "peak memory to load a GGUF file", "B6-embed": "sentence-embedding throughput",
+           "B7-grammar": "structured output (JSON schema) vs free decoding",
            "compile": "torch.compile, measured"}
 
 
@@ -124,6 +126,8 @@ def _verdict(name: str, r: Optional[dict]) -> str:
     if name == "B6-embed":
         return (f"fp32 {_x(ratios.get('fp32'))}" + (f", bf16 {_x(ratios['bf16'])}" if "bf16" in ratios else "")
                 + f", fastest vs fastest {_x(ratios.get('fastest'))}; vectors agree in fp32: {r.get('vectors_agree_fp32')}")
+    if name == "B7-grammar":
+        return ", ".join(f"{k} {_x(v)}" for k, v in ratios.items()) + " of free decoding's tokens/s"
     if name == "compile":
         return (f"decode {_x(ratios.get('decode speedup'))}, training {_x(ratios.get('train speedup'))} "
                 f"(compiled / eager speed); logits within {r['decode']['max_rel_logit_diff']:.1e} (relative)")
@@ -266,6 +270,19 @@ def _b6(r: dict) -> list[str]:
             "ratios) | value |", "| --- | ---: |"]
     out += [f"| {k} | {_x(v)} |" for k, v in r["ratios"].items()]
     out.append("")
+    return out
+
+
+def _b7(r: dict) -> list[str]:
+    out = [f"Model {r['model']}; greedy, {r['new_tokens']} new tokens per row, {r['rounds']} rounds, "
+           f"{r['threads']} torch threads. The schema: an array of at least 64 records (name, age, city, "
+           "member); llguidance masks every row's logits before sampling (engine/grammar.py).", "",
+           "| run | tokens/s | seconds | spread |", "| --- | ---: | ---: | ---: |"]
+    out += [f"| {n} | {row['tokens_per_s']:.1f} | {row['seconds']:.2f} | {row['spread']:.2f} |"
+            for n, row in r["rows"].items()]
+    out += ["", "| ratio (json_schema / free, tokens/s) | value |", "| --- | ---: |"]
+    out += [f"| {k} | {_x(v)} |" for k, v in r["ratios"].items()]
+    out += ["", f"Start of the constrained reply: `{r.get('sample', '')}`", ""]
     return out
 
 

@@ -80,6 +80,24 @@ def make_chat_checkpoint(path, *, never_stop: bool = False, block_size: int = 25
     return path
 
 
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """`chatforge serve` on the built-in demo model with its default settings, one per test module."""
+    from chatforge.server.process import ServerProcess
+
+    db = tmp_path_factory.mktemp("serve") / "conversations.db"
+    with ServerProcess("--db", str(db), "--threads", "1", "--log-level", "warning") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def demo_client(demo_server):
+    """The official `openai` client for demo_server."""
+    import openai
+
+    return openai.OpenAI(base_url=demo_server.url + "/v1", api_key="none", max_retries=0)
+
+
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory):
     return make_chat_checkpoint(tmp_path_factory.mktemp("models") / "chat")

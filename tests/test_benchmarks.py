@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -72,3 +73,82 @@ def test_quick_serving_benchmarks_load_a_real_server(tmp_path):
             assert r["failed"] == 0 and r["completion_tokens"] == 16 * r["clients"] and r["tokens_per_s"] > 0
     assert results["B4-125m"]["dtype"] == "bf16" and "gpt-neo-125m shape" in results["B4-125m"]["model"]
     assert "## B4-125m: serving load, 125M-shaped model in bf16" in md.read_text()
+
+
+# --- B2-llamacpp: the harness, never llama.cpp itself --------------------------------------------------
+
+def test_llamacpp_benchmark_measures_chatforge_and_says_why_the_peer_is_missing(tmp_path, monkeypatch):
+    """A quick B2-llamacpp on a tiny random Q4_0 GGUF: every chatforge mode measured, llama.cpp's side
+    skipped with the reason and the command that builds it (the suite never builds or runs llama.cpp)."""
+    from benchmarks import llamacpp
+
+    monkeypatch.setenv(llamacpp.VENV_ENV, str(tmp_path / "no-venv"))
+    result = llamacpp.run(quick=True, threads=[1])
+    assert "no benchmark environment at" in result["llama_cpp_skipped"]
+    assert "python -m benchmarks.llamacpp --install" in result["llama_cpp_skipped"]
+    [(label, model)] = result["models"].items()
+    rows = model["by_threads"]["1"]["rows"]
+    assert set(rows) == {f"chatforge {m}" for m in llamacpp.chatforge_modes()} and "llama.cpp" not in rows
+    for row in rows.values():
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_s"] > 0 and row["weight_bytes_per_token"] > 0
+        assert 0 < row["pct_of_bound"] and "decode_vs_llamacpp" not in row
+    assert rows["chatforge fp32"]["dtype"] == "float32"
+    assert result["ratios"] == {} and not result["target_met"]
+    text = llamacpp.table(result)
+    assert "llama.cpp: not measured (no benchmark environment" in text and "| 1 | chatforge int4 |" in text
+
+
+def test_llamacpp_ratios_and_table_from_measured_runs():
+    """The figures and ratios the table shows, from runs in the peer's own output format."""
+    from benchmarks import llamacpp
+
+    def runs(first: float, total: float, tokens: list[int]) -> list[dict]:
+        return [{"first_s": first, "total_s": total, "tokens": tokens}] * 3
+
+    new = 5  # 4 tokens after the first
+    rows = {"llama.cpp": {**llamacpp.summarize(runs(0.1, 0.5, [1, 2, 3, 4, 5]), new), "prefill_s": 2.0,
+                          "tokens": [1, 2, 3, 4, 5], "weight_bytes_per_token": 100, "dtype": "file's blocks"},
+            "chatforge fp32": {**llamacpp.summarize(runs(0.1, 1.1, [1, 2, 9, 4, 5]), new), "prefill_s": 1.0,
+                               "tokens": [1, 2, 9, 4, 5], "weight_bytes_per_token": 400, "dtype": "float32"},
+            "chatforge int4": {**llamacpp.summarize(runs(0.2, 0.4, [1, 2, 3, 4, 5]), new), "prefill_s": 4.0,
+                               "tokens": [1, 2, 3, 4, 5], "weight_bytes_per_token": 100, "dtype": "bfloat16"}}
+    assert rows["llama.cpp"]["decode_tokens_per_s"] == pytest.approx(10.0)  # 4 tokens in 0.4 s
+    assert rows["chatforge int4"]["end_to_end_tokens_per_s"] == pytest.approx(12.5)  # 5 tokens in 0.4 s
+    llamacpp.add_ratios(rows, bandwidth=2000.0)
+    fp32, int4 = rows["chatforge fp32"], rows["chatforge int4"]
+    assert fp32["decode_vs_llamacpp"] == pytest.approx(0.4) and int4["decode_vs_llamacpp"] == pytest.approx(2.0)
+    assert fp32["prefill_vs_llamacpp"] == pytest.approx(2.0) and int4["prefill_vs_llamacpp"] == pytest.approx(0.5)
+    assert fp32["tokens_equal_to_llamacpp"] == 2 and int4["tokens_equal_to_llamacpp"] == 5
+    assert rows["llama.cpp"]["bound_tokens_per_s"] == pytest.approx(20.0)  # 2000 B/s over 100 B per token
+    assert rows["llama.cpp"]["pct_of_bound"] == pytest.approx(50.0) and fp32["pct_of_bound"] == pytest.approx(80.0)
+    best = llamacpp.best_ratios(rows)
+    assert best == {"decode": pytest.approx(2.0), "decode_mode": "chatforge int4",
+                    "prefill": pytest.approx(2.0), "prefill_mode": "chatforge fp32"}
+    result = {"cpu": "Some CPU", "cores": 2, "flags": ["avx2"], "prompt_tokens": 32, "new_tokens": new,
+              "prefill_tokens": 512, "bandwidth_method": "sum", "target": "t", "target_met": True,
+              "llama_cpp": {"package": "llama-cpp-python==x", "cmake_args": "-DGGML_NATIVE=ON", "system_info": "AVX2 = 1"},
+              "models": {"m": {"file": "m.gguf", "file_bytes": 10**6, "rounds": 3,
+                               "by_threads": {"2": {"bandwidth_GBps": 2e-6, "rows": rows, "best": best}}}},
+              "ratios": {"m 2t decode": best["decode"], "m 2t prefill": best["prefill"]}}
+    text = llamacpp.table(result)
+    assert "| 2 | chatforge int4 | bfloat16 | 20.0 | 2.00x | 100% | 12.5 | 4.000 | 0.50x | 0 | 5 |" in text
+    assert "| 2 | llama.cpp | file's blocks | 10.0 | - | 50% |" in text and "| m 2t decode | 2.00x |" in text
+    assert "CPU: Some CPU, 2 cores; vector extensions: avx2." in text and "`AVX2 = 1`" in text
+
+
+def test_random_gguf_copies_another_files_tokenizer(tmp_path):
+    """The 1B-class benchmark file: a llama GGUF with random Q4_0 blocks and a tokenizer copied from
+    another GGUF, which chatforge loads with that tokenizer and the shape it was given."""
+    from benchmarks.gguf_memory import TINY, random_gguf
+
+    from chatforge.formats.gguf import GGUFFile
+    from chatforge.loader import load
+
+    source = random_gguf(tmp_path / "a.gguf", TINY)
+    copy = random_gguf(tmp_path / "b.gguf", TINY, tokenizer_from=source, seed=1)
+    a, b = GGUFFile(source), GGUFFile(copy)
+    assert b.tokenizer.encode("the cat") == a.tokenizer.encode("the cat") and b.tokenizer.eos_id == a.tokenizer.eos_id
+    assert b.types("blocks.0.attn.qkv.weight") == ("Q4_0",) * 3 and b.types("wte.weight") == ("Q8_0",)
+    model, tok = load(copy, device="cpu", quantize="int4")
+    assert (model.config.n_layer, model.config.n_embd, model.config.kv_heads) == (TINY.n_layer, TINY.n_embd, 1)
+    assert not torch.equal(a.read("blocks.0.attn.qkv.weight"), b.read("blocks.0.attn.qkv.weight"))  # the seed

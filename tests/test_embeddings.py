@@ -250,6 +250,16 @@ def test_embeddings_through_the_openai_client(server, st_dirs):
     assert np.allclose([d.embedding for d in lists.data], expected[[1, 0]], atol=1e-5)
 
 
+def test_models_lists_the_embedding_model_beside_the_chat_model(server, st_dirs):
+    name = st_dirs["mean"].name
+    listed = {m.id: m for m in client(server).models.list().data}
+    chat = httpx.get(server.url + "/health").json()["model"]
+    assert set(listed) == {chat, name}
+    card = client(server).models.retrieve(name)
+    assert card.id == name and card.model_extra["dimensions"] == 30 and card.model_extra["context_length"] == 16
+    assert client(server).models.retrieve(chat).id == chat
+
+
 def test_base64_is_little_endian_float32(server, st_dirs):
     raw = httpx.post(server.url + "/v1/embeddings", json={"model": st_dirs["mean"].name, "input": SERVED[:2],
                                                           "encoding_format": "base64"})
@@ -297,6 +307,7 @@ def test_without_an_embedding_model_the_endpoint_says_how_to_enable_it(tmp_path)
         error = error_of(httpx.post(s.url + "/v1/embeddings", json={"input": "hello"}))
         assert error["code"] == "embeddings_not_enabled"
         assert "embedding_model" not in httpx.get(s.url + "/health").json()
+        assert len(client(s).models.list().data) == 1
 
 
 def test_minilm_served_beside_the_chat_model_equals_sentence_transformers(minilm_dir, sentence_transformers,

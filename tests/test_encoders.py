@@ -245,9 +245,33 @@ def test_a_base_model_saved_without_its_pooler_loads(tmp_path):
     assert_same(ours_outputs(ours, ids, mask, types)[0], hf_outputs(model, ids, mask, types)[0], "hidden")
 
 
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: T.BertForSequenceClassification(bert_config(num_labels=3, id2label=LABELS)), "Bert"),
+    (lambda: T.RobertaForSequenceClassification(roberta_config(num_labels=3, id2label=LABELS)), "Roberta"),
+])
+def test_sequence_classification_checkpoints_load_with_their_head_and_labels(make, name, tmp_path):
+    """BERT's pooler + classifier and RoBERTa's dense + tanh + out_proj are chatforge's pooler + classifier."""
+    hf_model = randomize(make(), seed=7)
+    ours, _ = load(save_hf(hf_model, tmp_path), device="cpu", dtype="fp32")
+    assert ours.config.task == "classify" and ours.config.labels == list(LABELS.values())
+    ids, mask, types = batch(name)
+    with torch.no_grad():
+        theirs = hf_model(input_ids=ids, attention_mask=mask, **({} if types is None else {"token_type_ids": types}))
+        logits = ours(ids, attention_mask=mask, token_type_ids=types, logits="classify")
+    assert_same(logits, theirs.logits, f"{name} classifier logits")
+    got = pipeline("text-classification", model=str(tmp_path), device="cpu", dtype="fp32")("the cat sat")
+    want = transformers.pipeline("text-classification", model=str(tmp_path), device="cpu")("the cat sat")
+    assert got[0]["label"] == want[0]["label"] and got[0]["score"] == pytest.approx(want[0]["score"], abs=1e-5)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: T.BertModel(bert_config(position_embedding_type="relative_key")), "relative position"),
-    (lambda: T.BertForSequenceClassification(bert_config(num_labels=3)), "task head"),
+    (lambda: T.BertForTokenClassification(bert_config(num_labels=3)), "task head other than"),
+    (lambda: T.BertForSequenceClassification(bert_config(num_labels=1)), "regression"),
+    (lambda: T.DistilBertForSequenceClassification(distilbert_config(num_labels=2)), "pre_classifier"),
 ])
 def test_encoders_chatforge_cannot_compute_are_refused_in_one_line(make, message, tmp_path):
     save_hf(randomize(make()), tmp_path)

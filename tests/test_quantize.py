@@ -19,10 +19,16 @@ from chatforge.engine import Engine
 from chatforge.errors import ChatforgeError
 from chatforge.loader import load
 from chatforge.model import Transformer
-from chatforge.quantize import (INT4_MM_MAX_ROWS, Int4Linear, Int8Embedding, Int8Linear, pack_int4, padded_rows,
-                                quantize_int4, quantize_int8, quantize_model, quantize_rows_int4, weight_bytes)
+from chatforge.quantize import (GEMV_MAX_ROWS, INT4_MM_MAX_ROWS, GGMLLinear, Int4Linear, Int8Embedding, Int8Linear,
+                                kernels_for, pack_int4, padded_rows, quantize_int4, quantize_int8, quantize_model,
+                                quantize_rows_int4, weight_bytes)
 
 FP32_TOL, BF16_TOL = 0.03, 0.05
+# the layers each mode makes here: ggml blocks (Q8_0, Q4_1) where chatforge's kernels are built, torch's
+# layouts elsewhere (and under CHATFORGE_KERNELS=0, which the suite also runs under)
+KERNELS = kernels_for(torch.device("cpu"))
+INT8_LAYER = GGMLLinear if KERNELS else Int8Linear
+INT4_LAYER = GGMLLinear if KERNELS else Int4Linear
 LAYOUTS = {
     "gpt": dict(),
     "llama-untied": dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm", bias=False, n_kv_head=1,
@@ -64,7 +70,8 @@ def test_quantized_logits_close_to_fp32(layout, one_thread):
         one = q16(ids[:1, :1])
         assert rel_err(one[0, 0], q16(ids[:1, :1].repeat(1, 20))[0, 0]) < 0.02
     assert all(not isinstance(m, torch.nn.Linear) for m in q16.modules())
-    assert isinstance(q16.wte, Int8Embedding) and isinstance(q16.lm_head, Int8Linear)
+    whole_blocks = model.config.n_embd % 32 == 0  # ggml's blocks hold 32 inputs; other widths stay per-row int8
+    assert isinstance(q16.wte, Int8Embedding) and isinstance(q16.lm_head, INT8_LAYER if whole_blocks else Int8Linear)
 
 
 def test_quantized_weights_take_a_quarter_of_fp32(one_thread):
@@ -128,7 +135,7 @@ def dequantized_twin(model: Transformer, quantized: torch.nn.Module) -> Transfor
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in quantized.named_modules():
-            if isinstance(module, (Int4Linear, Int8Linear)):
+            if isinstance(module, (Int4Linear, Int8Linear, GGMLLinear)):
                 twin.get_submodule(name).weight.copy_(module.dequantized())
         if not quantized.wte._tied:  # an untied embedding is int8: its own table
             twin.wte.weight.copy_(quantized.wte.weight.float() * quantized.wte.scale.float()[:, None])
@@ -181,7 +188,7 @@ def test_int4_model_computes_its_dequantized_weights(layout, one_thread):
     model = Transformer(ModelConfig.preset("test", **{**LAYOUTS[layout], **WIDE})).eval()
     q32 = quantize_model(copy.deepcopy(model), "int4", dtype=torch.float32)
     twin = dequantized_twin(model, q32)
-    few = torch.randint(0, 1000, (1, INT4_MM_MAX_ROWS // 2))
+    few = torch.randint(0, 1000, (1, (GEMV_MAX_ROWS if KERNELS else INT4_MM_MAX_ROWS) // 2))
     many = torch.randint(0, 1000, (2, INT4_MM_MAX_ROWS + 8))
     with torch.no_grad():
         for ids in (few, many):
@@ -189,8 +196,9 @@ def test_int4_model_computes_its_dequantized_weights(layout, one_thread):
         q16 = quantize_model(copy.deepcopy(model), "int4", dtype=torch.bfloat16)
         assert rel_err(q16(few), twin(few)) < BF16_TOL and rel_err(q16(many), twin(many)) < BF16_TOL
         assert rel_err(model(many), twin(many)) > 1e-3  # int4 did round: the test above is not vacuous
-    assert all(isinstance(m, Int4Linear) for n, m in q32.named_modules() if n.endswith(("attn.c_attn", "lm_head"))
-               or n.endswith("mlp.c_fc"))
+    layers = [m for n, m in q32.named_modules() if n.endswith(("attn.qkv", "mlp.fc", "lm_head"))]
+    assert layers and all(isinstance(m, INT4_LAYER) for m in layers)
+    assert not KERNELS or all(m.kind == "Q4_1" for m in layers)
     if model.config.tie_embeddings:
         assert q32.wte._tied and q32.wte._tied[0] is q32.lm_head
 
@@ -200,8 +208,10 @@ def test_int4_keeps_odd_widths_int8_and_takes_a_seventh_of_fp32(one_thread):
     q = quantize_model(copy.deepcopy(model), "int4", dtype=torch.float32)
     assert 0.12 < weight_bytes(q) / weight_bytes(model) < 0.19, weight_bytes(q) / weight_bytes(model)
     odd = quantize_model(Transformer(ModelConfig.preset("test", **LAYOUTS["odd-width"])), "int4")
-    assert not any(isinstance(m, Int4Linear) for m in odd.modules())  # 24 inputs: not whole groups -> int8
-    assert any(isinstance(m, Int8Linear) for m in odd.modules())
+    group = 32 if KERNELS else 64  # a Q4_1 block, or torch's int4 group
+    layers = [m for m in odd.modules() if isinstance(m, (Int4Linear, Int8Linear, GGMLLinear))]
+    assert layers and all(isinstance(m, Int8Linear) == bool(m.in_features % group) for m in layers)
+    assert any(isinstance(m, Int8Linear) for m in layers)  # the 24-input layers: no whole groups -> int8 per row
 
 
 def test_int4_loads_from_a_checkpoint_like_in_place(tmp_path, char_tokenizer, one_thread):
@@ -211,7 +221,7 @@ def test_int4_loads_from_a_checkpoint_like_in_place(tmp_path, char_tokenizer, on
     save_checkpoint(tmp_path / "ck", model, char_tokenizer)
     loaded, _ = load(str(tmp_path / "ck"), device="cpu", dtype="fp32", quantize="int4")
     in_place = quantize_model(copy.deepcopy(model), "int4", dtype=torch.float32)
-    assert loaded.quantized == "int4" and isinstance(loaded.lm_head, Int4Linear)
+    assert loaded.quantized == "int4" and isinstance(loaded.lm_head, INT4_LAYER)
     ids = torch.randint(0, char_tokenizer.vocab_size, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids), in_place(ids))
@@ -222,7 +232,7 @@ def test_int4_demo_model_quality(one_thread):
     stays within 3% of fp32's, and it still answers."""
     model, tok = load(None, device="cpu", dtype="fp32")
     q4, _ = load(None, device="cpu", quantize="int4")
-    assert any(isinstance(m, Int4Linear) for m in q4.modules())
+    assert any(isinstance(m, INT4_LAYER) for m in q4.modules())
     prompt = tok.encode("Hello, how are you today? Tell me about your day.")
     [g] = Engine(model, tok).generate(prompt, max_new_tokens=48, temperature=0.0, stop_token_ids=[])
     ids = torch.tensor([prompt + g.token_ids])

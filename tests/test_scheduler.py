@@ -96,3 +96,35 @@ def test_trim_cache_keeps_only_live_slots(engine):
         trim_cache(cache, slack=4)
     assert cache.length == length - 10 and bool(cache.valid[:, :cache.length].all())
     assert (cache.k[:, :, :, :cache.length] == k).all()
+
+
+def test_first_tokens_are_flushed_before_the_next_decoding_step(engine):
+    """Time to first token: a newcomer's first token is handed on (flushed) straight after its prefill,
+    both into an idle scheduler and into a running batch, not after the batch's next step."""
+    scheduler = Scheduler(engine, max_batch=4, max_queue=4)
+    seen = Collector()
+    first = engine.request([1, 2, 3], GREEDY.replace(max_new_tokens=200), incremental=True)
+    joiner = engine.request([4, 5, 6, 7], GREEDY.replace(max_new_tokens=8), incremental=True)
+    at_flush: list[tuple[int, int]] = []  # completion tokens of the two requests at each flush (on the model's thread)
+    scheduler.add_flush_hook(lambda: at_flush.append((first.completion_tokens, joiner.completion_tokens)))
+    started = threading.Event()
+
+    def on_event(job, kind, text):
+        seen(job, kind, text)
+        if job.request.completion_tokens >= 5:
+            started.set()
+
+    scheduler.start()
+    try:
+        [a] = scheduler.submit([first], on_event)
+        assert started.wait(60)
+        [b] = scheduler.submit([joiner], on_event)
+        seen.wait(b)
+        scheduler.cancel(a)
+        seen.wait(a)
+    finally:
+        scheduler.stop()
+    assert at_flush[0] == (1, 0)  # the first request alone, right after its prefill
+    joined = [counts for counts in at_flush if counts[1] > 0]
+    assert joined[0][1] == 1 and joined[1][1] == 2  # the joiner's first token, then one per step
+    assert joined[1][0] == joined[0][0] + 1  # the running request did not step in between

@@ -16,7 +16,7 @@ from chatforge.chat.session import ChatModel
 from chatforge.engine import Engine
 from chatforge.loader import DEMO_MODEL, load
 from chatforge.server.process import ServerProcess
-from serve_helpers import metric, wait_until
+from serve_helpers import assert_openai_error, metric, wait_until
 
 HELLO = [{"role": "user", "content": "Hello, how are you?"}]
 pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process reference model is tiny
@@ -34,17 +34,6 @@ def client(server, api_key: str = "none") -> openai.OpenAI:
 
 def sse_data(response: httpx.Response) -> list[str]:
     return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
-
-
-def assert_openai_error(response: httpx.Response, status: int, param=None, code=None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
 
 
 # --- servers -----------------------------------------------------------------------------------------------
@@ -228,7 +217,8 @@ BAD_REQUESTS = [
     ("zero max_tokens", {"model": DEMO_MODEL, "messages": HELLO, "max_tokens": 0}, 400, "max_tokens", None),
     ("n too large", {"model": DEMO_MODEL, "messages": HELLO, "n": 50}, 400, "n", None),
     ("five stop strings", {"model": DEMO_MODEL, "messages": HELLO, "stop": list("abcde")}, 400, "stop", None),
-    ("unsupported logprobs", {"model": DEMO_MODEL, "messages": HELLO, "logprobs": True}, 400, "logprobs", None),
+    ("top_logprobs without logprobs", {"model": DEMO_MODEL, "messages": HELLO, "top_logprobs": 2}, 400,
+     "top_logprobs", None),
     ("missing model", {"messages": HELLO}, 400, "model", None),
     ("unknown model", {"model": "gpt-4o", "messages": HELLO}, 404, "model", "model_not_found"),
     ("too many messages", {"model": DEMO_MODEL, "messages": HELLO * 51}, 400, "messages", None),
@@ -475,6 +465,56 @@ def test_api_key_and_persistence_across_sigkill(chat_model_dir, tmp_path):
         assert [c["id"] for c in httpx.get(again.url + "/api/conversations", headers=auth).json()["data"]] == [cid]
     finally:
         assert again.stop(signal.SIGINT) == 0
+
+
+def test_a_reply_streaming_when_the_server_is_killed_is_kept_and_marked_unfinished(chatty_model_dir, tmp_path):
+    """The page's reply is written as it grows: SIGKILL mid-stream keeps the conversation and all but the
+    last second of the reply, marked unfinished (seen in the database file itself while it streams)."""
+    import sqlite3
+
+    from chatforge.server.store import Store
+
+    db = tmp_path / "conversations.db"
+    args = ("--model", str(chatty_model_dir), "--db", str(db), "--threads", "1", "--log-level", "warning")
+
+    def stored_reply() -> tuple[str, int] | None:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as ro:
+            return ro.execute("SELECT content, unfinished FROM messages WHERE role = 'assistant'").fetchone()
+
+    server = ServerProcess(*args).start()
+    try:
+        url = server.url
+        cid = httpx.post(url + "/api/conversations", json={"settings": {"max_tokens": 8000}}).json()["id"]
+        httpx.post(url + f"/api/conversations/{cid}/messages", json={"content": "Tell me everything"})
+        streamed, seen = "", set()
+        with httpx.stream("POST", url + f"/api/conversations/{cid}/reply", timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    assert event["type"] in ("start", "delta"), event
+                    streamed += event.get("text", "")
+                row = stored_reply()
+                if row is not None:  # unfinished, and the same text (written a delta ahead of the stream at most)
+                    assert row[1] == 1 and one_starts_the_other(row[0], streamed.strip())
+                    seen.add(row[0])
+                if len(seen) >= 3:  # written at its first text and again (at least) twice since, a second apart
+                    break
+            assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    finally:
+        server.stop(signal.SIGKILL)
+    kept, unfinished = stored_reply()
+    assert unfinished == 1 and len(kept) >= max(len(t) for t in seen) and one_starts_the_other(kept, streamed.strip())
+
+    store = Store(db)  # what a restarted server (and its page) reads
+    conv = store.get_conversation(cid)
+    store.close()
+    assert [(m["role"], m["unfinished"]) for m in conv["messages"]] == [("user", False), ("assistant", True)]
+    assert conv["messages"][0]["content"] == "Tell me everything" and conv["messages"][1]["content"] == kept
+    assert conv["settings"] == {"max_tokens": 8000}
+
+
+def one_starts_the_other(a: str, b: str) -> bool:
+    return a.startswith(b) or b.startswith(a)
 
 
 # --- starting up -------------------------------------------------------------------------------------------------

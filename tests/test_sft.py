@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from chatforge.chat.template import CHATML_TEMPLATE, ChatFormat
-from chatforge.config import TrainConfig
+from chatforge.config import ModelConfig, TrainConfig
 from chatforge.errors import ConfigError, DataError
 from chatforge.loader import load
+from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.objectives import IGNORE_INDEX
 from chatforge.data.chats import PackedChats, pack, read_chat_jsonl
@@ -168,7 +169,7 @@ def test_chat_sft_validation_averages_over_assistant_tokens(fmt):
     splits = {s: PackedChats.build(CONVERSATIONS, fmt, block_size=64) for s in ("train", "val")}
     objective = ChatSFT(splits)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(fmt.tokenizer.vocab_size, fmt.tokenizer.vocab_size))
+    model = Transformer(ModelConfig.preset("test", vocab_size=fmt.tokenizer.vocab_size, block_size=64)).eval()
     n = objective.eval_batches(2)
     sums: dict[str, float] = {}
     with torch.no_grad():

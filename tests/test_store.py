@@ -73,3 +73,34 @@ def test_a_database_from_a_newer_chatforge_or_an_unwritable_path_is_refused(tmp_
     (tmp_path / "file").write_text("x")
     with pytest.raises(ChatforgeError, match="--db"):
         Store(tmp_path / "file" / "c.db")
+
+
+def test_a_schema_1_database_gains_the_unfinished_mark_and_keeps_its_messages(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT NOT NULL, system TEXT NOT NULL DEFAULT '',
+            settings TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL, updated_at REAL NOT NULL);
+        CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL
+            REFERENCES conversations(id) ON DELETE CASCADE, role TEXT NOT NULL, content TEXT NOT NULL,
+            meta TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL);
+        INSERT INTO conversations VALUES ('c1', 'old', '', '{}', 1, 1);
+        INSERT INTO messages (conversation_id, role, content, created_at) VALUES ('c1', 'user', 'hi', 1);
+        PRAGMA user_version=1;""")
+    db.close()
+    store = Store(path)
+    try:
+        assert [(m["content"], m["unfinished"]) for m in store.get_conversation("c1")["messages"]] == [("hi", False)]
+        draft = store.add_message("c1", "assistant", "Hel", unfinished=True)
+        store.write_reply("c1", draft["id"], "Hello", unfinished=True)
+        assert store.get_conversation("c1")["messages"][-1] | {"created_at": 0} == {
+            "id": draft["id"], "role": "assistant", "content": "Hello", "meta": {}, "unfinished": True, "created_at": 0}
+        done = store.write_reply("c1", draft["id"], "Hello!", {"finish_reason": "stop"})
+        assert done["unfinished"] is False and store.get_conversation("c1")["messages"][-1]["content"] == "Hello!"
+        store.truncate("c1", draft["id"])
+        with pytest.raises(NotFoundError):  # a reply deleted while it was written (regenerate)
+            store.write_reply("c1", draft["id"], "late")
+        with pytest.raises(NotFoundError):  # an id SQLite could not even hold
+            store.truncate("c1", 2**63)
+    finally:
+        store.close()

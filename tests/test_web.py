@@ -187,6 +187,21 @@ def test_the_inspect_view_and_markdown(page_for, tmp_path):
             "pre": ["print('<b>hi</b>')"], "code": ["x = 1"], "strong": ["bold"], "em": ["it"],
             "items": ["one", "two"], "raw": 0}
 
+        # a reply a crash cut short (kept in the store, unfinished) says so
+        from chatforge.server.store import Store
+
+        store = Store(tmp_path / "c.db")
+        cid = store.create_conversation(title="cut short")["id"]
+        store.add_message(cid, "user", "Tell me a story")
+        store.add_message(cid, "assistant", "Once upon a", unfinished=True)
+        store.close()
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        page.locator(".conversation", has_text="cut short").locator(".open").click()
+        expect(page.locator(".message.assistant .body")).to_have_text("Once upon a")
+        expect(page.locator(".message.assistant .meta")).to_contain_text("unfinished")
+        expect(page.locator(".message.assistant .regenerate")).to_be_visible()
+
 
 
 MARKDOWN = ("Here is code:\n```python\nprint('<b>hi</b>')\n```\nand `x = 1`, **bold**, *it*\n- one\n- two\n"

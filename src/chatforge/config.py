@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+import math
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -102,11 +104,31 @@ class ModelConfig:
 
     # --- checks ------------------------------------------------------------------
     def validate(self) -> None:
-        """Refuse impossible shapes with a message that says which value to change."""
+        """Refuse impossible shapes with a message that says which value to change.
+
+        Every field is first checked for its type (an int is not a bool, a float is finite) and for
+        a sane range (SIZE_LIMITS), so a corrupt config.json is refused before anything is built:
+        even on the meta device a model of a billion layers would take hours to construct."""
+        check_field_types(self)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name, limit in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ConfigError(f"{name} is {value}, beyond any real model (at most {limit:,}); "
+                                  "the config is corrupt or mistyped")
+        if not 0 < self.norm_eps < 1:
+            raise ConfigError(f"norm_eps must be between 0 and 1 (typically 1e-5 or 1e-6), got {self.norm_eps!r}")
+        for name in ("rope_theta", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.attn_scale is not None and not self.attn_scale > 0:
+            raise ConfigError(f"attn_scale must be positive or None, got {self.attn_scale!r}")
+        if self.local_layers is not None and not all(0 <= i < self.n_layer for i in self.local_layers):
+            raise ConfigError(f"local_layers must hold layer numbers from 0 to n_layer - 1 ({self.n_layer - 1}), "
+                              f"got {self.local_layers!r}")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_head ({self.n_head}) must divide n_embd ({self.n_embd}); pick e.g. n_head="
@@ -210,6 +232,89 @@ class ModelConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
+GATED_MLPS = ("swiglu", "geglu_tanh")  # MLPs whose first matrix is gate and up together
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of Transformer(cfg), counted from the config (a tied output head counts once):
+    what a model will weigh, known before anything is allocated."""
+    C, V = cfg.n_embd, cfg.vocab_size
+    norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+    q, kv, f = cfg.n_head * cfg.dim_head, cfg.kv_heads * cfg.dim_head, cfg.ffn_dim
+    fc_out = 2 * f if cfg.mlp in GATED_MLPS else f  # a gated MLP's gate and up projections are one matrix
+
+    def linear(n_in: int, n_out: int, bias: bool) -> int:
+        return n_in * n_out + (n_out if bias else 0)
+
+    block = ((4 if cfg.sandwich_norm else 2) * norm + linear(C, q + 2 * kv, qkv_bias) + linear(q, C, cfg.bias)
+             + linear(C, fc_out, cfg.bias) + linear(f, C, cfg.bias))
+    block += 2 * cfg.dim_head if cfg.qk_norm else 0  # one RMSNorm weight each for queries and keys
+    n = V * C + cfg.n_layer * block + (0 if cfg.post_norm else norm)  # token embeddings, blocks, final norm
+    n += (cfg.block_size + cfg.position_offset) * C if cfg.pos_encoding == "learned" else 0
+    n += linear(C, C, True) + norm + V if cfg.mlm_head else 0  # BERT's MLM transform and the head's bias
+    n += cfg.type_vocab_size * C + (norm if cfg.embd_norm else 0)
+    n += 0 if cfg.tie_embeddings else V * C
+    n += linear(C, C, True) if cfg.pooler else 0
+    n += linear(C, cfg.num_labels, True) if cfg.num_labels else 0
+    return n
+
+
+# the largest value each size field may have: far beyond any real model (Llama 3.1 405B has 126 layers,
+# width 16,384, 53,248 MLP units; Gemma 3 a 262k vocabulary; Llama 4 a 10M-token context), yet small
+# enough that merely describing the model (on the meta device, for shape checks) takes seconds, not hours
+SIZE_LIMITS: dict[str, int] = {"vocab_size": 1 << 24, "block_size": 1 << 25, "n_layer": 512, "n_head": 4096,
+                               "n_kv_head": 4096, "n_embd": 1 << 17, "head_dim": 1 << 14,
+                               "intermediate_size": 1 << 20, "sliding_window": 1 << 25, "type_vocab_size": 1 << 16,
+                               "position_offset": 1 << 16, "embed_max_len": 1 << 25, "num_labels": 1 << 20}
+
+
+def check_field_types(obj: Any) -> None:
+    """Refuse a dataclass field whose value is not of its annotated type: an int field must hold an
+    int (not a bool or a float), a float field a finite number, a bool field a bool, a list a list of
+    its item type; Optional fields may be None. JSON files and Python callers alike are held to it."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        why = _type_problem(_hints(type(obj))[f.name], value)
+        if why:
+            raise ConfigError(f"{f.name} must be {why}, got {value!r}"[:300])
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    cached = _HINTS.get(cls)
+    if cached is None:
+        cached = _HINTS[cls] = typing.get_type_hints(cls)
+    return cached
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_problem(hint: Any, value: Any) -> Optional[str]:
+    """What `value` should be for the annotation `hint`, or None when it is that."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union:
+        if value is None:
+            return None
+        hint = args[0]
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if typing.get_origin(hint) is list:
+        (inner,) = typing.get_args(hint)
+        ok = isinstance(value, list) and all(_type_problem(inner, v) is None for v in value)
+        return None if ok else f"a list of {inner.__name__} values"
+    if typing.get_origin(hint) is dict:
+        return None if isinstance(value, dict) else "an object (a dict)"
+    return None
+
+
 def _check_rope_scaling(scaling: Any) -> None:
     if not isinstance(scaling, dict):
         raise ConfigError(f"rope_scaling must be a dict like {{'rope_type': 'linear', 'factor': 2.0}}, got {scaling!r}")
@@ -221,7 +326,7 @@ def _check_rope_scaling(scaling: Any) -> None:
                          if kind == "llama3" else [])
     for key in need:
         value = scaling.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ConfigError(f"rope_scaling[{key!r}] must be a positive number for {kind} scaling, got {value!r}")
     if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ConfigError("rope_scaling['high_freq_factor'] must be larger than its 'low_freq_factor' for llama3 "
@@ -289,6 +394,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_field_types(self)
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -309,6 +415,8 @@ class TrainConfig:
             raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("beta1 and beta2 must be in [0, 1)")
+        if not 0 <= self.seed < 1 << 63:
+            raise ConfigError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

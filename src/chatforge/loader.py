@@ -29,7 +29,7 @@ from chatforge.formats.gguf import GGUFFile, is_gguf
 from chatforge.formats.hf import read_hf, resolve_hub_id
 from chatforge.lora import LoRAConfig, apply_lora, load_lora_state
 from chatforge.model import Transformer
-from chatforge.quantize import check_mode, default_dtype, quantize_from, quantize_model
+from chatforge.quantize import check_mode, default_dtype, kernels_for, quantize_from, quantize_model
 from chatforge.tokenizer import Tokenizer
 from chatforge.utils import parse_dtype, pick_device
 
@@ -59,29 +59,53 @@ def load(name_or_path: Optional[str | os.PathLike] = None, device: str | torch.d
     dtype = parse_dtype(dtype)
     if quantize is not None:
         dtype = dtype or default_dtype(device)
+    kind, where = locate(name_or_path)
+    if kind == "checkpoint":
+        return _load_checkpoint(where, device, dtype, quantize)
+    if kind == "ollama":  # Ollama's store: the manifest's GGUF blob
+        return _load_gguf(ollama.resolve(str(where)), device, dtype, quantize)
+    if kind == "catalog":  # pulled on first use
+        return load(catalog.pull(str(where)), device, dtype, quantize)
+    if kind == "gguf":
+        return _load_gguf(where, device, dtype, quantize)
+    if kind == "directory":
+        return _load_directory(where, device, dtype, quantize)
+    return _load_directory(resolve_hub_id(str(where)), device, dtype, quantize)  # a Hub id: a snapshot directory
+
+
+def locate(name_or_path: Optional[str | os.PathLike]) -> tuple[str, Path | str]:
+    """What a model name is, without reading or downloading anything: ("checkpoint", the demo's
+    directory), ("ollama", NAME[:TAG]), ("catalog", name), ("gguf", file), ("directory", path) or
+    ("hub", owner/name); a one-line error for a path that does not exist, a file that is no model,
+    a folder without config.json, an Ollama model that is not pulled or a name that is none of these.
+    `chatforge serve` calls it to refuse a missing model before it starts listening."""
     name = str(name_or_path) if name_or_path else DEMO_MODEL
     if name == DEMO_MODEL:
         path = demo_model_path()
         if not checkpoint.is_checkpoint(path):
             raise ChatforgeError(f"the built-in demo model is missing from this installation ({path}); "
                                  "reinstall chatforge or rebuild it with recipes/demo_model.sh")
-        return _load_checkpoint(path, device, dtype, quantize)
-    if name.startswith(ollama.PREFIX):  # Ollama's store: the manifest's GGUF blob
-        return _load_gguf(ollama.resolve(name[len(ollama.PREFIX):]), device, dtype, quantize)
-    if name in catalog.CATALOG:  # a catalogue name (before paths: ./NAME means a folder): pulled on first use
-        return load(catalog.pull(name), device, dtype, quantize)
+        return "checkpoint", path
+    if name.startswith(ollama.PREFIX):
+        ollama.resolve(name[len(ollama.PREFIX):])  # pulled, and its blob there
+        return "ollama", name[len(ollama.PREFIX):]
+    if name in catalog.CATALOG:  # a catalogue name (before paths: ./NAME means a folder)
+        return "catalog", name
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             if is_gguf(path) or path.suffix.lower() == ".gguf":
-                return _load_gguf(path, device, dtype, quantize)
+                return "gguf", path
             raise CheckpointError(f"{path} is a file but not a GGUF model; --model needs a GGUF file, a checkpoint "
                                   "directory or a model name")
-        return _load_directory(path, device, dtype, quantize)
+        if not checkpoint.is_checkpoint(path):
+            raise CheckpointError(f"{path} is not a checkpoint directory: it has no config.json "
+                                  "(train one with `chatforge pretrain`, or point at a model directory)")
+        return "directory", path
     if name.startswith(("/", ".", "~")) or "\\" in name:
         raise CheckpointError(f"no model at {path}: the path does not exist")
-    if "/" in name:  # a Hub id: its snapshot is a directory like any other
-        return _load_directory(resolve_hub_id(name), device, dtype, quantize)
+    if "/" in name:
+        return "hub", name
     raise ChatforgeError(f"unknown model {name!r}: not a directory, not a Hugging Face id (owner/name), "
                          f"not in the catalogue ({', '.join(catalog.CATALOG)}) and not the built-in {DEMO_MODEL!r}")
 
@@ -139,7 +163,7 @@ def load_adapter(model: Transformer, directory: str | Path) -> LoRAConfig:
 def _load_directory(path: Path, device: torch.device, dtype: Optional[torch.dtype],
                     quantize: Optional[str]) -> tuple[Transformer, Tokenizer]:
     """A model directory: a chatforge checkpoint or a Hugging Face model, told apart by config.json."""
-    if not checkpoint.is_checkpoint(path):
+    if not checkpoint.is_checkpoint(path):  # a Hub snapshot (local folders were checked by locate)
         raise CheckpointError(f"{path} is not a checkpoint directory: it has no config.json "
                               "(train one with `chatforge pretrain`, or point at a model directory)")
     if _is_chatforge(path):
@@ -156,6 +180,7 @@ def _load_checkpoint(path: Path, device: torch.device, dtype: Optional[torch.dty
     directory = checkpoint.resolve(path)
     config = checkpoint.read_config(directory)
     weights = checkpoint.open_weights(directory, config)  # names and shapes checked against the config
+    checkpoint.check_fits(config, QUANTIZED_BYTES[quantize], str(directory), device)
     with checkpoint.reading(weights.path):
         model = quantize_from(checkpoint.meta_model(config), weights, quantize, dtype)
     model = model.to(device)
@@ -172,6 +197,9 @@ def _load_hf(directory: Path, device: torch.device, dtype: Optional[torch.dtype]
     return model, tok
 
 
+# bytes per parameter of a weight-only quantized model, for the memory check before loading: int8 and int4
+# values plus their scales (the embeddings, kept in the activations' dtype, make it more for tiny models)
+QUANTIZED_BYTES = {"int8": 1.05, "int4": 0.6}
 # int4 from a GGUF file: groups of 32 inputs, as its 4-bit blocks are (they are then kept as they are)
 GGUF_INT4_GROUP = 32
 # quantized with more bits than int4 holds: in int4 mode these become int8 rather than lose what the file kept
@@ -181,13 +209,24 @@ GGUF_WIDE_TYPES = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
 def _load_gguf(path: Path, device: torch.device, dtype: Optional[torch.dtype],
                quantize: Optional[str]) -> tuple[Transformer, Tokenizer]:
-    """A GGUF file (formats.gguf). Not quantized: every tensor dequantized to `dtype` (default fp32),
-    slab by slab. int8: every Linear int8 per row, from the dequantized rows. int4: Linears stored as
-    Q4_0 / Q4_1 / Q4_K keep their 4-bit values (Int4Linear with groups of 32, no float round trip);
-    those stored in a wider quantized type (Q5_*, Q6_K, Q8_0) become int8; float ones (F32, F16,
-    BF16) and narrower ones (Q2_K, Q3_K) are quantized to int4 in groups of 32."""
+    """A GGUF file (formats.gguf). As stored (no quantize, no dtype) on a CPU with chatforge's kernels:
+    Linears stored as Q4_0 / Q4_1 / Q8_0 keep their blocks (GGMLLinear, multiplied as they are), the
+    rest fp32. Otherwise not quantized: every tensor dequantized to `dtype` (default fp32), slab by
+    slab. int8: every Linear int8 (Q8_0 blocks where the kernels are, else per row), Q4/Q8 blocks kept
+    as stored. int4: Linears stored as Q4_0 / Q4_1 / Q4_K keep their 4-bit values (Q4_1 blocks, or
+    Int4Linear with groups of 32 without the kernels, no float round trip); those stored in a wider
+    quantized type (Q5_*, Q6_K, Q8_0) become int8; float ones (F32, F16, BF16) and narrower ones
+    (Q2_K, Q3_K) are quantized to int4 in groups of 32."""
     f = GGUFFile(path)
-    if quantize is None:
+    keep = quantize is None and dtype is None and kernels_for(device)  # the file's blocks, multiplied as stored
+    matrices = [name for name in f.names() if len(f.shape(name)) == 2]
+    per_param = (QUANTIZED_BYTES[quantize] if quantize else
+                 QUANTIZED_BYTES["int8"] if keep and all(f.ggml_blocks_type(n) for n in matrices) else
+                 (dtype or torch.float32).itemsize)
+    checkpoint.check_fits(f.config, per_param, str(path), device)
+    if keep:
+        model = quantize_from(checkpoint.meta_model(f.config), f, None)
+    elif quantize is None:
         state = {name: f.read(name, dtype or torch.float32) for name in f.names()}
         model = checkpoint.build_model(f.config, state, device=device, source=str(path))
     else:
@@ -206,5 +245,5 @@ def _is_chatforge(path: Path) -> bool:
         return True  # let the checkpoint reader report the corruption
 
 
-__all__ = ["load", "load_adapter", "load_chat_model", "default_chat_model", "DEMO_MODEL", "DEFAULT_CHAT_MODEL",
+__all__ = ["load", "locate", "load_adapter", "load_chat_model", "default_chat_model", "DEMO_MODEL", "DEFAULT_CHAT_MODEL",
            "DEFAULT_MODEL_ENV", "demo_model_path"]

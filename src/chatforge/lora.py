@@ -27,7 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chatforge.config import check_field_types
 from chatforge.errors import CheckpointError, ConfigError
+
+MAX_RANK = 4096  # far above any useful rank (8-256), and a bound on what adapters may allocate
 
 
 @dataclass
@@ -38,9 +41,14 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
 
     def __post_init__(self) -> None:
-        self.targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"lora_rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.targets, (str, tuple)):
+            self.targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        try:
+            check_field_types(self)
+        except ConfigError as e:
+            raise ConfigError(f"lora_{e}") from None
+        if not 0 < self.rank <= MAX_RANK:
+            raise ConfigError(f"lora_rank must be a positive integer no larger than {MAX_RANK}, got {self.rank!r}")
         if not self.alpha > 0:
             raise ConfigError(f"lora_alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -6,8 +6,11 @@ windows with their own rotary base, q/k norms, SwiGLU or GeGLU, RMSNorm with a (
 norms around each branch or after the residual add, a scaled embedding, bidirectional attention
 with segment embeddings and BERT's masked-LM head) lives in ModelConfig, so a checkpoint of
 GPT-2, Llama 3, Qwen3, Gemma 3, Phi-3, BERT, RoBERTa or DistilBERT runs on this one file.
-Part of the core layer (it imports only config and errors): LoRA and quantized layers replace
-its Linears from above (chatforge.lora, chatforge.quantize) without this file naming them.
+Part of the core layer (it imports only config, errors and chatforge.kernels, its CPU kernels): LoRA
+and quantized layers replace its Linears from above (chatforge.lora, chatforge.quantize) without this
+file naming them. A decoding step (a few rows, fp32, no autograd) runs its norms, rotary, attention,
+SwiGLU and multiplies through chatforge.kernels where they are built, one call each; everything else,
+and every step without them, runs the torch code below, which the kernels are tested against.
 """
 from __future__ import annotations
 
@@ -20,11 +23,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chatforge import kernels
 from chatforge.config import ModelConfig
 from chatforge.errors import ChatforgeError
 
 # torch >= 2.5 lets SDPA broadcast grouped key/value heads itself (no copy per step)
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+# rows (tokens x batch) up to which an inference pass is a decoding step, the kernels' case; a prefill has more
+_STEP_ROWS = 64
+
+
+def step_kernels(x: torch.Tensor, rows: int = _STEP_ROWS, dtypes: tuple = (torch.float32,)) -> Optional[kernels.Kernels]:
+    """chatforge's CPU kernels when `x` is a decoding step's few rows (at most `rows`) outside autograd, in
+    one of `dtypes`, else None: torch's ops then (training, a prefill, another device, no kernels here)."""
+    if (x.dtype in dtypes and x.numel() <= rows * x.shape[-1] and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
+        return kernels.get()
+    return None
 
 
 # --- positional encodings ---------------------------------------------------------
@@ -93,6 +108,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = step_kernels(x)
+        if k is not None and self.weight.dtype == torch.float32:
+            return k.rmsnorm(x, self.weight, self.eps, self.plus_one)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.plus_one:
@@ -168,17 +186,30 @@ def _onednn_rows(x: torch.Tensor) -> bool:
             and _onednn_pays(x.dtype))
 
 
+# weight dtypes chatforge's GEMV reads (by its names), and the rows up to which it beats torch's GEMM
+_GEMV_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}
+_GEMV_ROWS = 8
+
+
 class Linear(nn.Linear):
     """nn.Linear with CPU inference fast paths, chosen by the shape and dtype of what comes in.
 
-    Batch-1 decoding multiplies a single row by every weight. On CPUs torch's bf16 GEMM does
-    that 1.5-2.5x slower than its bf16 GEMV (fp32 is as fast either way), so one row takes addmv.
+    Batch-1 decoding multiplies a single row by every weight, which reads every weight once: where
+    chatforge's kernels are built, up to _GEMV_ROWS rows go to their GEMV, which streams fp32 and bf16
+    weights at the memory's speed (MKL's fp32 GEMV reached a third of it on an AMD EPYC; torch's bf16
+    one, emulated without native bf16, a tenth). Without them, on CPUs torch's bf16 GEMM does a single
+    row 1.5-2.5x slower than its bf16 GEMV (fp32 is as fast either way), so one row takes addmv.
     A block of rows outside autograd (a prefill, texts to embed) goes to oneDNN where that was
     measured faster (`_onednn_pays`), which also adds the bias as it writes the output (F.linear's
     addmm first copies the bias into every row).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = step_kernels(x, _GEMV_ROWS, _GEMV_DTYPES) if x.dtype == self.weight.dtype else None
+        if k is not None:
+            bias = None if self.bias is None else self.bias.float()
+            y = k.linear(x.float(), self.weight, _GEMV_DTYPES[x.dtype], self.out_features, self.in_features, bias)
+            return y.to(x.dtype)
         if x.dtype != torch.float32 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
             row = x.reshape(-1)
             y = torch.mv(self.weight, row) if self.bias is None else torch.addmv(self.bias, self.weight, row)
@@ -250,7 +281,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
+        qkv = self.qkv(x)
+        kern = step_kernels(x)
+        if kern is not None and ctx.cache is not None and not ctx.want_weights and ctx.cache.k.dtype == x.dtype:
+            return self.proj(self._kernel_step(kern, qkv, ctx))
+        q, k, v = qkv.split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -271,12 +306,27 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.proj(y)
 
+    def _kernel_step(self, kern: kernels.Kernels, qkv: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        """The lines of forward() from the split to the output projection's input, for a decoding step
+        with a cache, in one call of chatforge's kernels: per-head norms, rotary, the cache write, the
+        attention. (B, T, H * D)."""
+        keys, values, start = ctx.cache.slots(self.layer)
+        mask = ctx.mask_for(self.window)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.plus_one) \
+            if isinstance(self.q_norm, RMSNorm) else None
+        return kern.attention_step(qkv, self.n_head, self.n_kv_head, self.head_dim, ctx.rope_for(self.window),
+                                   keys, values, start, mask, mask is None and self.causal and qkv.shape[1] > 1,
+                                   self.scale, norms)
+
     def _sdpa(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
         if q.dtype != torch.float32 and q.device.type == "cpu" and q.requires_grad:
             # torch's CPU flash-attention backward runs ~15x slower in bf16 than in fp32 (measured, torch
             # 2.13), which made bf16 training slower than fp32: train the attention itself in fp32
             with torch.autocast("cpu", enabled=False):
                 return self._sdpa(q.float(), k.float(), v.float(), mask, is_causal).to(q.dtype)
+        kern = step_kernels(q, _STEP_ROWS * self.n_head) if k.dtype == q.dtype and not self.training else None
+        if kern is not None:  # a decoding step's few queries: one call, no per-call setup of flash attention
+            return kern.attention(q, k, v, mask, self.scale, causal=is_causal)
         p = self.dropout if self.training else 0.0
         if self.n_kv_head != self.n_head:
             if _SDPA_GQA:
@@ -327,7 +377,10 @@ class MLP(nn.Module):
         if fused is not None and self.kind in ("gelu", "gelu_tanh"):
             return self.proj(fused(x, "tanh" if self.kind == "gelu_tanh" else "none"))
         h = self.fc(x)
-        if self.kind in GATES:
+        kern = step_kernels(h) if self.kind == "swiglu" else None
+        if kern is not None:  # a decoding step: silu(gate) * up in one call
+            h = kern.swiglu(h)
+        elif self.kind in GATES:
             gate, up = h.chunk(2, dim=-1)
             h = GATES[self.kind](gate) * up
         else:
@@ -354,7 +407,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
         self.post_mlp_norm = make_norm(config) if sandwich else nn.Identity()
-        self.drop = nn.Dropout(config.dropout)
+        # Identity rather than a no-op Dropout(0): one torch op less per branch per decoding step
+        self.drop = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
         if self.post_norm:
@@ -451,6 +505,8 @@ class Transformer(nn.Module):
         # optional sequence-level head over one pooled vector: NSP while pre-training, labels when fine-tuned
         self.pooler = nn.Linear(config.n_embd, config.n_embd, bias=True) if config.pooler else None
         self.classifier = nn.Linear(config.n_embd, config.num_labels, bias=True) if config.num_labels else None
+        if self.wte.weight.is_meta:  # shapes only (a model about to adopt loaded weights): nothing to initialise
+            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):

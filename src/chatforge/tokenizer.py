@@ -7,6 +7,7 @@ BERT's WordPiece vocabularies (vocab.txt) built into one (`Tokenizer.wordpiece`)
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from chatforge.errors import ChatforgeError, CheckpointError, ConfigError, DataError
-from chatforge.utils import atomic_write_text
+from chatforge.utils import atomic_write_text, read_json
 
 # Reserved tokens of every tokenizer chatforge trains, always the first ids.
 SPECIAL_TOKENS: dict[str, str] = {
@@ -39,6 +40,24 @@ _HF_KEYS = {"bos": "bos_token", "eos": "eos_token", "pad": "pad_token", "unk": "
             "cls": "cls_token", "sep": "sep_token", "mask": "mask_token"}
 # BERT's special tokens, by chatforge role (its [CLS], [SEP], [MASK], [UNK] are also chatforge's own)
 BERT_SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character byte-level BPE writes for each byte. Printable
+    Latin-1 bytes stand for themselves; the others take the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
 
 
 class Tokenizer:
@@ -162,6 +181,37 @@ class Tokenizer:
     def id_to_token(self, i: int) -> Optional[str]:
         return self.hf.id_to_token(i)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` adds to the UTF-8 text, even when they are only part of a character
+        (byte-level BPE tokens and `<0xNN>` byte-fallback tokens hold raw bytes): OpenAI's logprob `bytes`.
+        SentencePiece's word marker counts as the space it stands for."""
+        token = self.hf.id_to_token(i)
+        if token is None:
+            return b""
+        byte_level, metaspace, added = self._byte_decoding
+        if i in added:
+            return token.encode("utf-8")
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # byte fallback: <0xE4>
+            try:
+                return bytes([int(token[3:5], 16)])
+            except ValueError:
+                pass
+        if byte_level and all(c in _BYTE_LEVEL for c in token):
+            return bytes(_BYTE_LEVEL[c] for c in token)
+        return (token.replace("\u2581", " ") if metaspace else token).encode("utf-8")
+
+    @functools.cached_property
+    def _byte_decoding(self) -> tuple[bool, bool, frozenset[int]]:
+        """(byte-level decoder?, SentencePiece word marker?, ids of added tokens), read once from the decoder."""
+        state = json.loads(self.hf.decoder.__getstate__()) if self.hf.decoder is not None else {}
+        parts = state.get("decoders", [state]) if isinstance(state, dict) else []
+        parts = [p for p in parts if isinstance(p, dict)]
+        types = {p.get("type") for p in parts}
+        marker = any(p.get("type") == "Replace" and "\u2581" in json.dumps(p.get("pattern"), ensure_ascii=False)
+                     for p in parts)
+        metaspace = marker or "Metaspace" in types
+        return "ByteLevel" in types, metaspace, frozenset(self.hf.get_added_tokens_decoder())
+
     # --- files ----------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """A short hash of the vocabulary (token -> id): checkpoints record it so that a tokenizer.json
@@ -202,12 +252,11 @@ class Tokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             conf_path = path.parent / name
             if conf_path.is_file():
-                try:
-                    data = json.loads(conf_path.read_text())
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise CheckpointError(f"{conf_path} is not valid JSON ({e})") from None
-                conf.update(data if isinstance(data, dict) else {})
+                conf.update(read_json(conf_path, CheckpointError, obj=True))
         special = conf.get("chatforge_special_tokens")
+        if special is not None and not (isinstance(special, dict) and all(isinstance(t, str) for t in special.values())):
+            raise CheckpointError(f"{path.parent / 'tokenizer_config.json'} is corrupt: chatforge_special_tokens must "
+                                  "map roles to token strings")
         if special is None:
             special = {}
             for role, key in _HF_KEYS.items():
@@ -221,8 +270,13 @@ class Tokenizer:
                     special[role] = tok
         template = conf.get("chat_template")
         if isinstance(template, list):  # HF allows named templates; take the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        return cls(hf, special, template, kind=conf.get("chatforge_kind", "bpe"))
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"{path.parent / 'tokenizer_config.json'} is corrupt: its chat_template is "
+                                  f"{type(template).__name__}, not a Jinja template string")
+        kind = conf.get("chatforge_kind")
+        return cls(hf, special, template, kind=kind if isinstance(kind, str) else "bpe")
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: Optional[int] = None,

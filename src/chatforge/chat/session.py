@@ -55,12 +55,14 @@ class ChatModel:
             cfg = cfg.replace(stop=list(dict.fromkeys([*cfg.stop, *self.format.stop])))
         return cfg
 
-    def prompt(self, messages: Sequence[dict], config: GenerationConfig) -> tuple[list[int], int]:
-        """Token ids of the conversation with the generation prompt, oldest turns dropped to leave room."""
+    def prompt(self, messages: Sequence[dict], config: GenerationConfig,
+               tools: Optional[list[dict]] = None) -> tuple[list[int], int]:
+        """Token ids of the conversation with the generation prompt, oldest turns dropped to leave room.
+        `tools`: OpenAI's function list, for a template that renders tools itself (chat/tools.py)."""
         context = self.engine.context
         reserve = min(config.max_new_tokens, context // 2)
-        kept, dropped = self.format.fit(messages, context - reserve)
-        return self.format.encode(kept), dropped
+        kept, dropped = self.format.fit(messages, context - reserve, tools)
+        return self.format.encode(kept, tools=tools), dropped
 
     def stream(self, conversation: Conversation, config: Optional[GenerationConfig] = None,
                **overrides: Any) -> Reply:

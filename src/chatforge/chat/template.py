@@ -42,6 +42,19 @@ FALLBACK_TEMPLATE = (
 FALLBACK_STOPS = ["\nUser:", "\nAssistant:"]
 
 
+_TOOL_KEYS = ("tool_calls", "tool_call_id", "name")  # what tool calling adds to a message (chat/tools.py)
+
+
+def _checked(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """validate_messages, keeping what tool calling adds for templates that render it: role "tool" and
+    the keys tool_calls, tool_call_id and name."""
+    if not any(m.get("role") == "tool" or any(k in m for k in _TOOL_KEYS) for m in messages if isinstance(m, dict)):
+        return validate_messages(messages)
+    plain = validate_messages([{**m, "role": "user"} if m.get("role") == "tool" else m for m in messages])
+    return [{**p, **{k: m[k] for k in _TOOL_KEYS if m.get(k) is not None}, "role": m["role"]}
+            for p, m in zip(plain, messages)]
+
+
 def _raise(message: str) -> None:
     raise ChatforgeError(f"chat template: {message}")
 
@@ -72,31 +85,40 @@ class ChatFormat:
         return cls(tokenizer, FALLBACK_TEMPLATE, list(FALLBACK_STOPS), is_fallback=True)
 
     @property
+    def renders_tools(self) -> bool:
+        """Whether the template writes tool definitions and calls itself (it reads the `tools` variable)."""
+        return re.search(r"\btools\b", self.template) is not None
+
+    @property
     def stop_token_ids(self) -> list[int]:
         ids = [self.tokenizer.token_id(r) for r in ("im_end", "eos")]
         return [i for i in ids if i is not None]
 
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: Optional[list[dict]] = None) -> str:
+        """The conversation as text; `tools` (OpenAI's function list) for a template that renders_tools."""
         tok = self.tokenizer
-        messages = validate_messages(messages) if messages else []
+        messages = _checked(messages) if messages else []
+        extra = {"tools": tools} if tools else {}
         try:
             return _compile(self.template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=tok.special.get("bos", ""), eos_token=tok.special.get("eos", ""))
+                bos_token=tok.special.get("bos", ""), eos_token=tok.special.get("eos", ""), **extra)
         except TemplateError as e:
             raise ChatforgeError(f"the chat template failed to render: {e}") from None
 
-    def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: Optional[list[dict]] = None) -> list[int]:
         """Token ids of the rendered conversation; template specials are parsed, message text is not.
 
         So a message that types "<|im_end|>" cannot forge an end of turn. Each message's text is
         located by rendering again with a unique marker in its place (searching for the content
         itself would find a short message such as "user" inside the template's own text).
         """
-        messages = validate_messages(messages) if messages else []
-        text = self.render(messages, add_generation_prompt)
+        messages = _checked(messages) if messages else []
+        text = self.render(messages, add_generation_prompt, tools)
         marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
-        parts = _MARK_RE.split(self.render(marked, add_generation_prompt))  # text, index, text, index, ...
+        parts = _MARK_RE.split(self.render(marked, add_generation_prompt, tools))  # text, index, text, index, ...
         if "".join(messages[int(p)]["content"] if k % 2 else p for k, p in enumerate(parts)) != text:
             return self.tokenizer.encode(text, allow_special=True)  # a template that rewrites content
         ids: list[int] = []
@@ -107,17 +129,18 @@ class ChatFormat:
                 ids += self.tokenizer.encode(part, allow_special=True)
         return ids
 
-    def fit(self, messages: Sequence[dict[str, Any]], budget: int) -> tuple[list[dict[str, str]], int]:
+    def fit(self, messages: Sequence[dict[str, Any]], budget: int,
+            tools: Optional[list[dict]] = None) -> tuple[list[dict[str, str]], int]:
         """Drop the oldest turns (never the system prompt nor the last message) until the prompt fits.
 
         Returns the messages kept and how many were dropped; callers must report a non-zero count.
         """
-        kept = validate_messages(messages)
+        kept = _checked(messages)
         dropped = 0
-        while len(self.encode(kept)) > budget:
+        while len(self.encode(kept, tools=tools)) > budget:
             first = 1 if kept[0]["role"] == "system" else 0
             if len(kept) - first <= 1:
-                n = len(self.encode(kept))
+                n = len(self.encode(kept, tools=tools))
                 raise ChatforgeError(f"the last message alone is {n} tokens, more than the {budget} tokens "
                                      "of context available; shorten it")
             del kept[first]

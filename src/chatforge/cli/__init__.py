@@ -20,7 +20,9 @@ VERB_MODULES: list[str] = ["chatforge.cli.chat", "chatforge.cli.models", "chatfo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatforge", description=__doc__.splitlines()[0])
+    from chatforge.cli.args import Parser
+
+    parser = Parser(prog="chatforge", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in VERB_MODULES:  # each area adds its own verbs: `register(sub)` in its cli module
@@ -30,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named after the verb they were given to, in the verb's one-line style
+        prog = f"chatforge {args.command}" if getattr(args, "command", None) else "chatforge"
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(unknown)}; see `{prog} --help`\n")
     if args.version:
         from chatforge import __version__
 
@@ -42,14 +47,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except ChatforgeError as e:
-        print(f"chatforge {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever a message quoted
+        print(f"chatforge {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nchatforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"chatforge {args.command}: error: out of memory; use a smaller model, batch or block size",
+              file=sys.stderr)
+        return 1
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the machine's side (a full disk, a path it may not write): not a bug to trace
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"chatforge {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,25 @@ import argparse
 import dataclasses
 import json
 import typing
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with chatforge's error style: a mistake in the flags is one line on stderr,
+    `chatforge VERB: error: WHAT; see chatforge VERB --help`, and exit status 2, rather than the
+    whole usage block before it (which buries the one line that matters)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def json_value(text: str) -> Any:
+    """A flag's JSON value (e.g. --rope-scaling '{"rope_type": "linear", "factor": 2}')."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text[:80]!r}") from None
+
 
 def _flag_type(hint: Any) -> tuple[Any, dict]:
     """argparse type and extra kwargs for a dataclass field's annotation."""
@@ -19,7 +37,7 @@ def _flag_type(hint: Any) -> tuple[Any, dict]:
     if hint is bool:
         return None, {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(hint) is dict:  # e.g. --rope-scaling '{"rope_type": "linear", "factor": 2}'
-        return json.loads, {}
+        return json_value, {}
     return hint, {}
 
 

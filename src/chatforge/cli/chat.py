@@ -29,8 +29,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     options = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
                                             "repetition_penalty", "seed")}
+    if args.json_schema is not None:  # checked before any model loads: a bad file fails at once
+        options["json_schema"] = read_json_schema(args.json_schema)
     return run_chat(args.model, prompt=args.prompt, system=args.system, device=args.device, dtype=args.dtype,
                     quantize=args.quantize, **options)
+
+
+def read_json_schema(path: str) -> dict:
+    """`--json-schema FILE`: the JSON Schema every reply must match, checked for what the grammar supports."""
+    import json
+    from pathlib import Path
+
+    from chatforge.engine.grammar import check_schema
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ChatforgeError(f"--json-schema: cannot read {path} ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ChatforgeError(f"--json-schema: {path} is not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise ChatforgeError(f"--json-schema: {path} must hold a JSON object (a JSON Schema)")
+    check_schema(schema)
+    return schema
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,5 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                  "falling back to chatforge-demo when it cannot be had)")
     p.add_argument("--prompt", default=None, help="one message: print the reply and exit (for scripts)")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="a JSON Schema file: every reply is JSON matching it (grammar-constrained decoding)")
     sampling_flags(p, defaults=False)
     p.set_defaults(func=cmd_chat)

@@ -17,6 +17,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from chatforge.server.settings import ServeConfig
 
     config = dataclass_from_args(ServeConfig, args)
+    if config.model:  # a model that is not there: one line before anything is announced
+        from chatforge.loader import locate
+
+        locate(config.model)
     serve(config, announce=lambda line: print(line, flush=True))
     print("chatforge serve: stopped", file=sys.stderr, flush=True)
     if any(t.name == "chatforge-loader" and t.is_alive() for t in threading.enumerate()):

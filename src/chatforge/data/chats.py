@@ -181,13 +181,8 @@ class PackedChats:
     @classmethod
     def build(cls, conversations: Sequence[Messages], fmt: TrainingFormat, block_size: int,
               pad_id: Optional[int] = None) -> "PackedChats":
-        encoded = []
-        for i, conv in enumerate(conversations):
-            try:
-                encoded.append(fmt.encode_for_training(conv))
-            except ChatforgeError as e:
-                raise DataError(f"conversation {i + 1} ({conv[0]['content'][:40]!r}...): {e}") from None
-        return cls.from_encoded(encoded, block_size, fmt.tokenizer.pad_id if pad_id is None else pad_id)
+        return cls.from_encoded(encode_chats(conversations, fmt), block_size,
+                                fmt.tokenizer.pad_id if pad_id is None else pad_id)
 
     @classmethod
     def from_encoded(cls, encoded: Sequence[tuple[list[int], list[int]]], block_size: int,
@@ -239,10 +234,30 @@ class PackedChats:
             return cls(f["tokens"], f["mask"], json.loads(str(f["stats"])))
 
 
+def encode_chats(conversations: Sequence[Messages], fmt: TrainingFormat) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) of each conversation rendered with the chat template."""
+    encoded = []
+    for i, conv in enumerate(conversations):
+        try:
+            encoded.append(fmt.encode_for_training(conv))
+        except ChatforgeError as e:
+            raise DataError(f"conversation {i + 1} ({conv[0]['content'][:40]!r}...): {e}") from None
+    return encoded
+
+
 def prepare_chats(train: Sequence[Messages], val: Sequence[Messages], fmt: TrainingFormat, block_size: int,
-                  data_dir: Path) -> dict[str, PackedChats]:
-    """Encode and pack both splits into data_dir/{train,val}.npz (+ meta.json), replaced atomically."""
-    splits = {"train": PackedChats.build(train, fmt, block_size), "val": PackedChats.build(val, fmt, block_size)}
+                  data_dir: Path, *, fit: bool = False) -> dict[str, PackedChats]:
+    """Encode and pack both splits into data_dir/{train,val}.npz (+ meta.json), replaced atomically.
+
+    fit: rows only as long as the longest conversation needs, at most `block_size` tokens: short
+    chats then train on short rows, not on rows of the model's whole context (8,192 tokens for
+    SmolLM2), whose activations would take gigabytes for nothing.
+    """
+    encoded = {"train": encode_chats(train, fmt), "val": encode_chats(val, fmt)}
+    if fit:  # a conversation of n tokens fills a row of block_size + 1 = n
+        block_size = max(1, min(block_size, max(len(ids) for part in encoded.values() for ids, _ in part) - 1))
+    pad = fmt.tokenizer.pad_id
+    splits = {name: PackedChats.from_encoded(part, block_size, pad) for name, part in encoded.items()}
     meta: dict[str, Any] = {"version": 1, "format": "chat", "block_size": block_size}
     with atomic_directory(data_dir) as tmp:
         for name, packed in splits.items():
@@ -253,4 +268,4 @@ def prepare_chats(train: Sequence[Messages], val: Sequence[Messages], fmt: Train
 
 
 __all__ = ["Messages", "ROLES", "validate_messages", "parse_chat_record", "read_chat_jsonl", "chat_files",
-           "split_conversations", "pack", "PackedChats", "prepare_chats"]
+           "split_conversations", "pack", "PackedChats", "encode_chats", "prepare_chats"]

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chatforge.errors import ConfigError, DataError
-from chatforge.utils import atomic_directory, atomic_write_text
+from chatforge.utils import atomic_directory, atomic_write_text, read_json
 
 META = "meta.json"
 SPLITS = ("train", "val")
@@ -66,7 +66,47 @@ def find_inputs(paths: Sequence[str | Path]) -> list[Path]:
     if sum(p.stat().st_size for p in unique) == 0:
         names = ", ".join(str(p) for p in unique[:3]) + (" ..." if len(unique) > 3 else "")
         raise DataError(f"the input is empty: {names} {'has' if len(unique) == 1 else 'have'} no text")
+    for p in unique:
+        check_text(p)
     return unique
+
+
+TEXT_SAMPLE_BYTES = 1 << 16  # bytes read from each of a few places of a file to tell text from binary
+MAX_INVALID_SHARE = 0.01  # more of a file's characters than this not valid UTF-8: not (UTF-8) text
+
+
+def check_text(path: Path) -> None:
+    """Refuse a file that is not UTF-8 text, naming it: one with NUL bytes (a binary file), or one where
+    more than MAX_INVALID_SHARE of the characters are not valid UTF-8 (random bytes, another encoding).
+
+    Samples from its start, middle and end are read (the whole file when small), so a corpus of
+    gigabytes is checked in milliseconds; a few stray bytes in real text are tolerated (and become
+    U+FFFD when the text is read).
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            if size <= 4 * TEXT_SAMPLE_BYTES:
+                samples = [f.read()]
+            else:
+                samples = []
+                for at in (0, size // 3, 2 * size // 3, size - TEXT_SAMPLE_BYTES):
+                    f.seek(at)
+                    samples.append(f.read(TEXT_SAMPLE_BYTES))
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror or e})") from None
+    if any(b"\0" in sample for sample in samples):
+        raise DataError(f"{path} is not text: it holds NUL bytes (a binary file?); pass UTF-8 text files")
+    chars = invalid = 0
+    for i, sample in enumerate(samples):
+        if i:  # a sample from the middle may start inside a character: skip its continuation bytes
+            sample = sample[next((j for j in range(min(4, len(sample))) if sample[j] & 0xC0 != 0x80), 0):]
+        text = sample.decode("utf-8", errors="replace")
+        chars += len(text)
+        invalid += text.count("\ufffd") - sample.count("\ufffd".encode())  # U+FFFD written in the file is fine
+    if chars and invalid > MAX_INVALID_SHARE * chars:
+        raise DataError(f"{path} is not UTF-8 text: {invalid / chars:.0%} of its characters are invalid UTF-8 (a "
+                        "binary file, or another encoding); convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8`")
 
 
 def _visible(path: Path, root: Path) -> bool:
@@ -271,10 +311,7 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META
     if not path.is_file():
         raise DataError(f"{directory} holds no token shards (no {META}); prepare them with `chatforge pretrain --data ...`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is corrupt ({e}); delete {directory} and prepare the data again") from None
+    return read_json(path, DataError, obj=True)
 
 
 # --- reading shards -----------------------------------------------------------------------------
@@ -287,13 +324,19 @@ class TokenShards:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.directory, self.split = Path(directory), split
         meta = load_meta(directory)
-        self.dtype = np.dtype(meta["dtype"])
+        try:
+            self.dtype = np.dtype(meta["dtype"])
+            shards = [(self.directory / Path(s["file"]).name, int(s["tokens"])) for s in meta["shards"][split]]
+            if self.dtype not in (np.uint16, np.uint32):
+                raise ValueError(self.dtype)
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{self.directory / META} is corrupt; delete {directory} and prepare the data again") from None
         self.arrays: list[np.ndarray] = []
-        for shard in meta["shards"][split]:
-            path = self.directory / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["tokens"] * self.dtype.itemsize:
+        for path, tokens in shards:
+            if not path.is_file() or path.stat().st_size != tokens * self.dtype.itemsize:
                 raise DataError(f"shard {path} is missing or truncated; delete {directory} and prepare the data again")
-            self.arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
+            if tokens:  # an empty file cannot be mapped (and holds nothing)
+                self.arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
 
     def __len__(self) -> int:
         return sum(len(a) for a in self.arrays)

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from chatforge.config import ModelConfig
+from chatforge.data.shards import check_text
 from chatforge.data.text import pair_layout, running_text, truncate_pair
 from chatforge.errors import ConfigError, DataError
 from chatforge.tokenizer import Tokenizer
@@ -42,6 +43,7 @@ def read_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise DataError(f"{path}: unknown table format {suffix or '(no suffix)'}; use .csv, .tsv or .jsonl")
+    check_text(path)
     text = path.read_text(encoding="utf-8-sig", errors="replace")
     if not text.strip():
         raise DataError(f"{path} is empty; it needs a header line (or JSON objects) and one row per example")
@@ -51,8 +53,9 @@ def read_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
             if line.strip():
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n} is not valid JSON ({e.msg})") from None
+                except (ValueError, RecursionError) as e:
+                    why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply or a number too long"
+                    raise DataError(f"{path} line {n} is not valid JSON ({why})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path} line {n} is not a JSON object")
                 rows.append(row)
@@ -60,8 +63,11 @@ def read_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     else:
         quoting = csv.QUOTE_NONE if TABLE_SUFFIXES[suffix] == "\t" else csv.QUOTE_MINIMAL
         reader = csv.reader(text.splitlines(), delimiter=TABLE_SUFFIXES[suffix], quoting=quoting)
-        columns = [c.strip() for c in next(reader)]
-        rows = [dict(zip(columns, values)) for values in reader if any(v.strip() for v in values)]
+        try:
+            columns = [c.strip() for c in next(reader)]
+            rows = [dict(zip(columns, values)) for values in reader if any(v.strip() for v in values)]
+        except csv.Error as e:
+            raise DataError(f"{path} line {reader.line_num} is not valid {suffix[1:].upper()} ({e})") from None
     if not rows:
         raise DataError(f"{path} has a header but no rows")
     return columns, rows

@@ -12,6 +12,11 @@ then each decode step feeds one token per row. Rows that finish leave the batch.
 DecodeState is one running batch, and its `step()` and `join()` are the seam for a serving
 scheduler (continuous batching: new requests joining a batch mid-decode).
 
+A request whose config asks for `logprobs` records each new token's log-probability (and the most
+likely alternatives) from the raw logits, before any sampling setting changes them; `prompt_logprobs`
+scores the prompt's tokens too, from the prefill's hidden states at every position. Only the rows that
+ask pay for either.
+
 A request made with trace=True also records, for every token it generates, the next-token
 logits and every layer's attention weights (`Generation.trace`): the model's explicit attention
 path then runs for that batch. Batches without such a request never take it.
@@ -27,11 +32,12 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence, TextIO, Union
 import torch
 
 from chatforge.errors import ChatforgeError
-from chatforge.engine.generation import GenerationConfig
+from chatforge.engine.generation import GenerationConfig, GenerationConfigError
 from chatforge.engine.kv_cache import KVCache
 from chatforge.engine.prompt import check_prompt, start_ids
-from chatforge.engine.sampling import NEG_INF, SamplingParams, sample
+from chatforge.engine.sampling import NEG_INF, SamplingParams, sample, token_logprobs
 from chatforge.engine.stream import TextTracker
+from chatforge.engine.grammar import Matcher, apply_masks, matcher_for
 
 if TYPE_CHECKING:
     from chatforge.model import Transformer
@@ -51,6 +57,15 @@ class StepTrace:
 
 
 @dataclass
+class TokenLogprob:
+    """One token's log-probability under the model (log_softmax of its raw logits), with the most likely tokens."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token, logprob), most likely first
+
+
+@dataclass
 class Generation:
     """One finished continuation. token_ids excludes a final stop token; completion_tokens counts it."""
 
@@ -62,6 +77,10 @@ class Generation:
     # trace=True: one StepTrace per completion token. Its attention holds the rows of the tokens that step
     # fed (the whole prompt at the first step, then the previous token) over every token before them.
     trace: Optional[list[StepTrace]] = None
+    # config.logprobs: one per completion token (a final stop token too, as completion_tokens counts it)
+    logprobs: Optional[list[TokenLogprob]] = None
+    # config.prompt_logprobs: one per prompt token; the first is None (nothing comes before it)
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
 
 
 class Request:
@@ -81,6 +100,9 @@ class Request:
         self.completion_tokens = 0
         self.finish_reason: Optional[str] = None
         self.trace: Optional[list[StepTrace]] = [] if trace else None
+        self.logprobs: Optional[list[TokenLogprob]] = [] if config.logprobs is not None else None
+        self.prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # filled by the prefill
+        self.matcher: Optional[Matcher] = None  # config.json_schema / grammar: where the reply is in it
         self._text = TextTracker(tokenizer, config.stop, config.skip_special_tokens)
 
     @property
@@ -99,12 +121,16 @@ class Request:
         if token in self.stop_ids:
             return self._finish("stop")
         self.tokens.append(token)
+        if self.matcher is not None:
+            self.matcher.advance(token)
         piece = ""
         if self.incremental:
             piece = self._text.push(token)
             if self._text.stopped:
                 self.finish_reason = "stop"
                 return piece
+        if self.matcher is not None and self.matcher.done:  # the grammar is complete: nothing may follow
+            return piece + self._finish("stop")
         if self.completion_tokens >= self.max_new:
             piece += self._finish("length")
         return piece
@@ -127,7 +153,7 @@ class Request:
         if not self.done:
             raise RuntimeError("the request is still generating")
         return Generation(list(self.tokens), self._text.text, self.finish_reason, len(self.prompt_ids),
-                          self.completion_tokens, self.trace)
+                          self.completion_tokens, self.trace, self.logprobs, self.prompt_logprobs)
 
 
 class DecodeState:
@@ -147,6 +173,7 @@ class DecodeState:
         self.next_tokens: Optional[torch.Tensor] = None  # (B,) token each row feeds next
         self._ids = self._mask = None  # the whole (padded) sequences, only without a cache
         self._seen: Optional[torch.Tensor] = None  # (B, V) tokens in prompt or output, for the penalty
+        self._counts: Optional[torch.Tensor] = None  # (B, V) generated tokens, for frequency/presence penalties
         self._params = SamplingParams([r.config for r in self.requests], engine.device)
         self._tracing = any(r.trace is not None for r in self.requests)  # fixed per batch: no cost when False
 
@@ -169,11 +196,21 @@ class DecodeState:
             logits = self._forward(self._ids, attention_mask=self._mask)
         return self._advance(logits[:, -1])
 
-    def _forward(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Last-position logits; for a traced batch also each traced row's attention, kept on its request."""
+    def _forward(self, ids: torch.Tensor, score: Sequence[int] = (), **kwargs) -> torch.Tensor:
+        """Last-position logits; for a traced batch also each traced row's attention, kept on its request.
+
+        Rows in `score` (a prefill's rows that asked for prompt_logprobs) have their prompt scored from the
+        hidden states at every position; the others still pay only for the last position's logits.
+        """
+        model = self.engine.model
+        kind = "none" if score else "last"
+        out = model(ids, logits=kind, return_attention=self._tracing, **kwargs)
+        logits, attn = out if self._tracing else (out, None)
+        if score:
+            self._score_prompts(logits, score)
+            logits = model.lm_logits(logits[:, -1:])
         if not self._tracing:
-            return self.engine.model(ids, logits="last", **kwargs)
-        logits, attn = self.engine.model(ids, logits="last", return_attention=True, **kwargs)
+            return logits
         keys = self.cache.valid[:, :self.cache.length] if self.cache is not None else self._mask
         for i, r in enumerate(self.requests):
             if r.trace is not None:
@@ -194,22 +231,55 @@ class DecodeState:
                             device=engine.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         padded = any(len(r.prompt_ids) < T for r in self.requests)
+        score = [i for i, r in enumerate(self.requests) if r.config.prompt_logprobs is not None]
         if self.use_cache:
             slots = T + max(r.remaining for r in self.requests)
             self.cache = KVCache(engine.model.config, len(self.requests), slots, engine.device, engine.dtype)
-            logits = self._forward(ids, positions=positions, attention_mask=mask if padded else None, cache=self.cache)
+            logits = self._forward(ids, score, positions=positions, attention_mask=mask if padded else None,
+                                   cache=self.cache)
         else:
             self._ids, self._mask = ids, mask
-            logits = self._forward(ids, positions=positions, attention_mask=mask)
+            logits = self._forward(ids, score, positions=positions, attention_mask=mask)
         return self._advance(logits[:, -1])
+
+    def _score_prompts(self, hidden: torch.Tensor, rows: Sequence[int], chunk: int = 256) -> None:
+        """prompt_logprobs of these rows from the prefill's final hidden states (B, T, C), prompts right-aligned:
+        position t's logits score token t + 1. Done `chunk` positions at a time, so a long prompt never holds
+        a (T, V) tensor."""
+        T, vocab = hidden.shape[1], self.engine._vocab
+        for i in rows:
+            r = self.requests[i]
+            n = len(r.prompt_ids)
+            targets = torch.tensor(r.prompt_ids[1:], device=hidden.device)
+            scored: list[Optional[TokenLogprob]] = [None]
+            for start in range(0, n - 1, chunk):
+                h = hidden[i, T - n + start:T - n + min(start + chunk, n - 1)]
+                logits = self.engine.model.lm_logits(h[None])[0, :, :vocab]
+                scored += _logprob_entries(logits, targets[start:start + len(h)], r.config.prompt_logprobs)
+            r.prompt_logprobs = scored
 
     def _advance(self, logits: torch.Tensor) -> list[tuple[Request, str]]:
         """Sample one token per row, hand it to its request, drop the rows that finished."""
-        if self._params.use_penalty and self._seen is None:
+        params = self._params
+        # logprobs come from the raw logits: taken before anything (a mask, a bias, a penalty) changes them
+        scored = logits[params.logprob_rows, :self.engine._vocab].float() if params.logprob_rows else None
+        if params.use_penalty and self._seen is None:
             self._seen = self._build_seen(logits.shape[-1])
-        tokens = self.engine.sample(logits, self._params, self._seen, [r.generator for r in self.requests])
+        if params.use_counts and self._counts is None:
+            self._counts = self._build_counts(logits.shape[-1])
+        constrained = [i for i, r in enumerate(self.requests) if r.matcher is not None]
+        if constrained:  # structured output: what a row's grammar forbids cannot be drawn (before bias, penalties)
+            logits = apply_masks(logits, constrained, [self.requests[i].matcher for i in constrained])
+        tokens = self.engine.sample(logits, params, self._seen, [r.generator for r in self.requests], self._counts)
         if self._seen is not None:
             self._seen.scatter_(1, tokens[:, None], True)
+        if self._counts is not None:
+            self._counts.scatter_add_(1, tokens[:, None], torch.ones_like(self._counts[:, :1]))
+        if scored is not None:
+            entries = _logprob_entries(scored, tokens[params.logprob_rows], max(params.logprob_top),
+                                       params.logprob_top)
+            for i, entry in zip(params.logprob_rows, entries):
+                self.requests[i].logprobs.append(entry)
         out = [(r, r.add(t)) for r, t in zip(self.requests, tokens.tolist())]
         keep = [i for i, r in enumerate(self.requests) if not r.done]
         self.next_tokens = tokens
@@ -224,6 +294,15 @@ class DecodeState:
         seen[torch.tensor(rows, device=seen.device), torch.tensor(cols, device=seen.device)] = True
         return seen
 
+    def _build_counts(self, vocab: int) -> torch.Tensor:
+        """(B, V) how often each row has generated each token (its prompt does not count: OpenAI's rule)."""
+        counts = torch.zeros(len(self.requests), vocab, dtype=torch.int32, device=self.engine.device)
+        for i, r in enumerate(self.requests):
+            if r.tokens:
+                ids = torch.tensor(r.tokens, device=counts.device)
+                counts[i].scatter_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
+        return counts
+
     def _keep(self, rows: list[int]) -> None:
         """Shrink the batch to these rows."""
         index = torch.tensor(rows, dtype=torch.long, device=self.engine.device)
@@ -235,6 +314,8 @@ class DecodeState:
             self._ids, self._mask = self._ids.index_select(0, index), self._mask.index_select(0, index)
         if self._seen is not None:
             self._seen = self._seen.index_select(0, index)
+        if self._counts is not None:
+            self._counts = self._counts.index_select(0, index)
         self._params = SamplingParams([r.config for r in self.requests], self.engine.device)
 
     @torch.inference_mode()
@@ -251,13 +332,13 @@ class DecodeState:
         if other.done:
             return pieces
         if self.done:  # this batch has finished: carry on with the newcomer's cache as it is
-            self.cache, self._seen = other.cache, other._seen
+            self.cache, self._seen, self._counts = other.cache, other._seen, other._counts
             live = [other]
         else:
             length = max(self.cache.length, other.cache.length)
             room = max(r.remaining for r in self.requests + other.requests)
             self.cache = KVCache.concat([self.cache, other.cache], max_len=length + room)
-            self._seen = None  # rebuilt from the requests' tokens when a penalty needs it
+            self._seen = self._counts = None  # rebuilt from the requests' tokens when a penalty needs them
             live = [self, other]
         self.started = True
         self.requests = [r for s in live for r in s.requests]
@@ -266,6 +347,16 @@ class DecodeState:
         self._tracing = any(s._tracing for s in live)
         other.requests = []
         return pieces
+
+
+def _logprob_entries(logits: torch.Tensor, tokens: torch.Tensor, top: int,
+                     per_row: Optional[Sequence[int]] = None) -> list[TokenLogprob]:
+    """A TokenLogprob per row of logits (N, V) for its token (N,), with its `top` (or per_row[i]) most likely
+    tokens; one copy to the CPU for all of them."""
+    chosen, values, ids = token_logprobs(logits, tokens, top)
+    chosen, values, ids, tokens = chosen.tolist(), values.tolist(), ids.tolist(), tokens.tolist()
+    ks = per_row if per_row is not None else [top] * len(tokens)
+    return [TokenLogprob(t, c, list(zip(i[:k], v[:k]))) for t, c, v, i, k in zip(tokens, chosen, values, ids, ks)]
 
 
 class TextStream:
@@ -366,17 +457,24 @@ class Engine:
                 trace: bool = False) -> Request:
         """Check one prompt against the vocabulary and context (check_prompt), and clip its max_new_tokens."""
         ids = check_prompt(prompt_ids, self.model.config)
+        for token in config.logit_bias or {}:
+            if token >= self._vocab:
+                raise GenerationConfigError("logit_bias", f"keys must be token ids below the vocabulary size "
+                                                          f"{self._vocab}", token)
         stop_ids = self.default_stop_ids if config.stop_token_ids is None else config.stop_token_ids
         max_new = min(config.max_new_tokens, self.context - len(ids))
-        return Request(ids, config, max_new, stop_ids, self.tokenizer, incremental, trace)
+        request = Request(ids, config, max_new, stop_ids, self.tokenizer, incremental, trace)
+        request.matcher = matcher_for(self.tokenizer, config, stop_ids)  # GrammarError for a bad schema
+        return request
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None,
-               generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> torch.Tensor:
+               generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+               counts: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The next token of every row from last-position logits (B, V)."""
         logits = logits.float()
         if self._vocab < logits.shape[-1]:
             logits[:, self._vocab:] = NEG_INF
-        return sample(logits, params, seen, generators)
+        return sample(logits, params, seen, generators, counts)
 
     # --- helpers ----------------------------------------------------------------------------
     def _ids(self, prompt: Prompt) -> list[int]:

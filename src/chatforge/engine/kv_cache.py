@@ -29,6 +29,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled so far (the same for every row)
         self._new = 0  # slots being written by the current forward pass
+        self._views: Optional[tuple] = None  # (k, per-layer views of k, of v): made once per storage
 
     def next_position(self) -> torch.Tensor:
         """(B,) position the next real token of each row will have."""
@@ -61,9 +62,23 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values and return all of them."""
         end = self.length + self._new
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self._layer(layer)
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This layer's whole key and value storage (B, KVH, slots, D) and the first slot the current pass
+        writes: for a kernel that stores the new keys and values itself (chatforge.kernels' attention_step)."""
+        keys, values = self._layer(layer)
+        return keys, values, self.length
+
+    def _layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s (B, KVH, slots, D) views, made once per storage tensor (indexing costs a few
+        microseconds, 2 per layer per decoding step)."""
+        if getattr(self, "_views", None) is None or self._views[0] is not self.k:
+            self._views = (self.k, self.k.unbind(0), self.v.unbind(0))
+        return self._views[1][layer], self._views[2][layer]
 
     def advance(self, T: int) -> None:
         self.length += T

@@ -1,8 +1,13 @@
-"""From logits to the next token: repetition penalty, temperature, top-k, top-p, min-p, a seeded draw.
+"""From logits to the next token: logit bias, penalties, temperature, top-k, top-p, min-p, a seeded draw.
 
 Everything works on a batch of logits (B, V) with its own settings per row, so requests
-with different settings can share one decode step. The order is Hugging Face's:
-penalty, temperature, top-k, top-p, min-p, then one draw.
+with different settings can share one decode step. The order is vLLM's: logit_bias, then the
+penalties (repetition, then OpenAI's frequency and presence), then Hugging Face's filters
+(temperature, top-k, top-p, min-p) and one draw. A stage no row uses costs nothing.
+
+Log-probabilities reported to the user (`token_logprobs`) are taken from the raw logits, before
+any of these stages, as vLLM's default (`raw_logprobs`) does: they say what the model thinks,
+whatever the request's sampling settings.
 
 Each row draws its random number from its own torch.Generator (or the global one when
 unseeded), one uniform number per token, so a seeded request gives the same text
@@ -39,6 +44,22 @@ class SamplingParams:
         self.use_top_p = any(c.top_p < 1 for c in sampled)
         self.use_min_p = any(c.min_p > 0 for c in sampled)
         self.use_penalty = any(c.repetition_penalty != 1 for c in configs)
+        # OpenAI's frequency and presence penalties, over the tokens each row has generated
+        self.use_counts = any(c.frequency_penalty or c.presence_penalty for c in configs)
+        if self.use_counts:
+            self.frequency = column([c.frequency_penalty for c in configs])
+            self.presence = column([c.presence_penalty for c in configs])
+        # logit_bias as three flat lists (row, token, bias): no (B, V) tensor for a few entries
+        bias = [(i, t, b) for i, c in enumerate(configs) for t, b in (c.logit_bias or {}).items()]
+        self.use_bias = bool(bias)
+        if self.use_bias:
+            rows, tokens, values = zip(*bias)
+            self.bias_rows = torch.tensor(rows, dtype=torch.long, device=device)
+            self.bias_tokens = torch.tensor(tokens, dtype=torch.long, device=device)
+            self.bias_values = torch.tensor(values, dtype=torch.float32, device=device)
+        # the rows that record log-probabilities, and how many alternatives each wants
+        self.logprob_rows = [i for i, c in enumerate(configs) if c.logprobs is not None]
+        self.logprob_top = [configs[i].logprobs for i in self.logprob_rows]
 
 
 def _per_row(value, logits: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -58,6 +79,30 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty) 
     penalty = _per_row(penalty, logits)
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
+                     values: torch.Tensor) -> torch.Tensor:
+    """OpenAI's logit_bias: add values[i] to logits[rows[i], tokens[i]]. A bias of -100 all but bans a
+    token and +100 all but forces it (logits rarely differ by more than a few dozen)."""
+    return logits.index_put((rows, tokens), values.to(logits.dtype), accumulate=True)
+
+
+def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor, frequency, presence) -> torch.Tensor:
+    """OpenAI's penalties: logit[j] -= count[j] * frequency + (count[j] > 0) * presence, where count[j] is how
+    often the row has generated token j so far (its prompt does not count). Negative values encourage repeats."""
+    counts = counts.to(logits.dtype)
+    return logits - counts * _per_row(frequency, logits) - (counts > 0).to(logits.dtype) * _per_row(presence, logits)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under log_softmax(logits) (B, V): of the chosen tokens (B,), and the `top` most likely
+    tokens' (B, top) with their ids (B, top), most likely first."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, tokens.view(-1, 1)).squeeze(-1)
+    values, ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], tokens.view(-1, 1)[:, :0])
+    return chosen, values, ids
 
 
 def filter_logits(logits: torch.Tensor, top_k=None, top_p=1.0, min_p=0.0) -> torch.Tensor:
@@ -110,11 +155,20 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None,
-           generators: Optional[Sequence[Optional[torch.Generator]]] = None) -> torch.Tensor:
-    """The next token of every row (B,), from logits (B, V)."""
+           generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+           counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The next token of every row (B,), from logits (B, V).
+
+    seen: (B, V) bool, tokens in each row's prompt or output (for repetition_penalty); counts: (B, V) how
+    often each row has generated each token (for frequency_penalty and presence_penalty).
+    """
     logits = logits.float()
+    if params.use_bias:
+        logits = apply_logit_bias(logits, params.bias_rows, params.bias_tokens, params.bias_values)
     if params.use_penalty and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.penalty)
+    if params.use_counts and counts is not None:
+        logits = apply_frequency_presence(logits, counts, params.frequency, params.presence)
     best = logits.argmax(-1)
     if params.all_greedy:
         return best

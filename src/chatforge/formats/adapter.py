@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from chatforge.errors import CheckpointError
 from chatforge.formats.checkpoint import read_weights
-from chatforge.utils import atomic_directory
+from chatforge.utils import atomic_directory, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -44,11 +44,11 @@ def read_adapter_settings(directory: str | Path) -> dict[str, Any]:
     path = directory / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {ADAPTER_CONFIG}; it is not a LoRA adapter directory")
+    meta = read_json(path, CheckpointError, obj=True)
     try:
-        meta = json.loads(path.read_text())
         return {"rank": meta["r"], "alpha": meta["lora_alpha"], "dropout": meta.get("lora_dropout", 0.0),
                 "targets": meta["target_modules"]}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except KeyError as e:
         raise CheckpointError(f"{path} is not a valid adapter config ({type(e).__name__}: {e})") from None
 
 

@@ -19,12 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from chatforge.config import ModelConfig
+from chatforge.config import ModelConfig, count_params
 from chatforge.errors import CheckpointError, ConfigError
 from chatforge.formats.safetensors import SafetensorsFile
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.utils import atomic_directory
+from chatforge.utils import atomic_directory, available_memory, human_bytes, read_json
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
@@ -87,13 +87,7 @@ def read_config_json(directory: str | Path) -> dict[str, Any]:
     path = directory / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: it has no config.json")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is corrupt: expected a JSON object")
-    return data
+    return read_json(path, CheckpointError, obj=True)
 
 
 def is_chatforge_config(data: Mapping[str, Any]) -> bool:
@@ -151,6 +145,21 @@ def open_weights(directory: str | Path, config: ModelConfig) -> SafetensorsFile:
     return f
 
 
+def check_fits(config: ModelConfig, bytes_per_param: float, source: str,
+               device: Optional[str | torch.device] = None) -> None:
+    """Refuse, before any weight is allocated, a model whose weights (its config's parameter count x
+    `bytes_per_param`) would not fit in the memory this process can still use on `device`."""
+    params = count_params(config)
+    need = params * bytes_per_param
+    device = torch.device(device) if device is not None else None
+    room = available_memory(device)
+    if need > room:
+        where = "GPU memory" if device is not None and device.type == "cuda" else "memory"
+        raise CheckpointError(f"{source} holds {params:,} parameters, about {human_bytes(need)} of weights, but only "
+                              f"{human_bytes(room)} of {where} is available; use a smaller model, load it quantized "
+                              "(--quantize int8 or int4) or free some memory")
+
+
 def meta_model(config: ModelConfig) -> Transformer:
     """The model of `config` on the meta device: its structure and shapes, no memory."""
     with torch.device("meta"):
@@ -199,7 +208,12 @@ def read_model(directory: str | Path, device: str | torch.device = "cpu",
     """The full-precision (or `dtype`) model of a chatforge checkpoint directory."""
     directory = resolve(directory)
     config = read_config(directory)
-    state = read_weights(directory / WEIGHTS, dtype=dtype)
+    path = directory / WEIGHTS
+    if dtype is not None:
+        check_fits(config, dtype.itemsize, str(directory), device)
+    elif path.is_file():  # as stored: what the file holds
+        check_fits(config, path.stat().st_size / max(1, count_params(config)), str(directory), device)
+    state = read_weights(path, dtype=dtype)
     return build_model(config, state, dtype=dtype, device=device, source=str(directory))
 
 
@@ -257,11 +271,7 @@ def load_trainer_state(directory: str | Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise CheckpointError(f"{directory} has no trainer state to resume from; it holds only weights "
                               "(start a new run, or use --init-from to start from these weights)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_path} is corrupt ({e})") from None
-    return unpack(meta, read_weights(tensor_path))
+    return unpack(read_json(meta_path, CheckpointError), read_weights(tensor_path))
 
 
 # --- JSON + tensors for arbitrary nested state (optimizer, RNGs) -------------------------
@@ -317,3 +327,5 @@ def unpack(meta: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return walk(meta)
     except KeyError as e:
         raise CheckpointError(f"trainer state is inconsistent: tensor {e} is missing") from None
+    except (TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"trainer state is corrupt ({type(e).__name__}); start a new run") from None

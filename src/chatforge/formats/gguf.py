@@ -4,6 +4,7 @@
     f.config, f.tokenizer           # ModelConfig from the metadata, Tokenizer from tokenizer.ggml.*
     f.read("blocks.0.attn.qkv.weight", torch.bfloat16)   # dequantized, in chatforge's layout
     f.int4_blocks("blocks.0.mlp.fc.weight")              # (q, scale, offset) where stored as 4-bit groups
+    f.ggml_blocks("blocks.0.mlp.fc.weight")              # ("Q4_1", raw blocks) where stored as Q4_0/Q4_1/Q8_0
 
 Part of formats/ (file layouts only): chatforge.loader decides dtype, device and quantization and
 calls this; nothing here quantizes a model. The container is parsed by the `gguf` package (the
@@ -35,7 +36,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from chatforge.config import ModelConfig
+from chatforge.config import SIZE_LIMITS, ModelConfig
 from chatforge.errors import CheckpointError, ConfigError
 from chatforge.formats.checkpoint import check_state_shapes
 from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -43,6 +44,7 @@ from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 MAGIC = b"GGUF"
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit values in groups of 32 with a scale and an offset each
+GGML_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # handed over as stored (ggml_blocks): chatforge's kernels read them so
 # the tensor types chatforge reads (each dequantized by gguf.quants); IQ*, TQ* and the like are refused
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 SLAB_VALUES = 1 << 19  # about this many weights dequantized at a time (2 MB of fp32)
@@ -86,7 +88,7 @@ class GGUFFile:
 
     Opening it reads the metadata and the tensor directory and checks that every tensor the config
     implies is there, in a type chatforge reads and with the shape it needs; no tensor data is
-    read until asked for (`read`, `rows`, `int4_blocks`).
+    read until asked for (`read`, `rows`, `int4_blocks`, `ggml_blocks`).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -101,9 +103,18 @@ class GGUFFile:
             self.config = _config(self.architecture, meta, infos, self.path)
         except ConfigError as e:
             raise CheckpointError(f"{self.path} describes an impossible model: {e}") from None
+        except (TypeError, ValueError, ArithmeticError) as e:  # metadata of the wrong kind (text for a number, 0 heads)
+            raise CheckpointError(f"{self.path} is corrupt: its metadata holds a value of the wrong kind "
+                                  f"({type(e).__name__}: {str(e)[:160]})") from None
         self.plan = _plan(self.architecture, self.config, infos)
         self._check()
-        self.tokenizer = _tokenizer(meta, self.architecture, self.path)
+        try:
+            self.tokenizer = _tokenizer(meta, self.architecture, self.path)
+        except CheckpointError:
+            raise
+        except Exception as e:  # metadata of the wrong kind; the tokenizers library raises plain Exceptions
+            raise CheckpointError(f"{self.path} is corrupt: its tokenizer metadata cannot be read "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
     # --- what is where ---------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -159,6 +170,30 @@ class GGUFFile:
                 out[start:start + part.rows] = _unpermute(value, part.heads) if part.heads else value
             start += part.rows
         return torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(offset)
+
+    def ggml_blocks_type(self, name: str) -> Optional[str]:
+        """The type ggml_blocks(name) would hand over, without reading anything; None where it would not."""
+        parts = self.plan[name]
+        kinds = {self._infos[p.tensor].type if p.tensor else None for p in parts}
+        if len(kinds) != 1 or not kinds <= set(GGML_TYPES) or any(p.shift for p in parts) or not self._width(name):
+            return None
+        return kinds.pop()
+
+    def ggml_blocks(self, name: str) -> Optional[tuple[str, torch.Tensor]]:
+        """`name`'s bytes as stored, where it is a matrix whose parts are all one of GGML_TYPES:
+        (type, uint8 (rows, row bytes)), rows in chatforge's order (Q/K permutation undone, which moves
+        whole rows). None for any other type, or parts of different types."""
+        kind = self.ggml_blocks_type(name)
+        if kind is None:
+            return None
+        parts = self.plan[name]
+        out = np.empty((self.shape(name)[0], self._infos[parts[0].tensor].row_bytes), dtype=np.uint8)
+        start = 0
+        for part in parts:
+            raw = self._read_rows(part.tensor, 0, part.rows)
+            out[start:start + part.rows] = _unpermute(raw, part.heads) if part.heads else raw
+            start += part.rows
+        return kind, torch.from_numpy(out)
 
     def _part_slabs(self, part: Part) -> Iterator[torch.Tensor]:
         if part.tensor is None:  # a bias the file does not have: zeros (as transformers does)
@@ -363,6 +398,8 @@ def _config(arch: str, meta: dict[str, Any], infos: dict[str, _Info], path: Path
     if "token_embd.weight" not in infos:
         raise CheckpointError(f"{path} lacks tensor token_embd.weight; the file is incomplete")
     n_layer, n_embd = int(get("block_count", required=True)), int(get("embedding_length", required=True))
+    if not 0 < n_layer <= SIZE_LIMITS["n_layer"]:  # before anything loops over the layers
+        raise ConfigError(f"block_count is {n_layer}; a model has 1 to {SIZE_LIMITS['n_layer']} layers")
     n_head = int(get("attention.head_count", required=True))
     n_kv = int(get("attention.head_count_kv", n_head))
     head_dim = int(get("attention.key_length", (256 if arch == "gemma3" else n_embd // n_head)))
@@ -696,4 +733,5 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, map(chr, chars)))
 
 
-__all__ = ["GGUFFile", "is_gguf", "llama3_scaling", "ARCHITECTURES", "TYPES", "INT4_TYPES", "PRE_TOKENIZERS"]
+__all__ = ["GGUFFile", "is_gguf", "llama3_scaling", "ARCHITECTURES", "TYPES", "INT4_TYPES", "GGML_TYPES",
+           "PRE_TOKENIZERS"]

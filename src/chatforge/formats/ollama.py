@@ -60,7 +60,7 @@ def resolve(name: str, root: Optional[Path] = None) -> Path:
     except StopIteration:
         raise CheckpointError(f"Ollama model {name} has no model weights (no {MODEL_LAYER} layer in "
                               f"{manifest})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"the manifest of Ollama model {name} ({manifest}) is unreadable or corrupt "
                               f"({type(e).__name__}: {e})") from None
     algorithm, _, hexdigest = digest.partition(":")

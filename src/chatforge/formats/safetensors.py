@@ -21,10 +21,12 @@ from typing import Iterator, Optional, Protocol
 import torch
 
 from chatforge.errors import CheckpointError
+from chatforge.utils import read_json
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 CHUNK_BYTES = 16 << 20
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on its JSON header
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -58,10 +60,12 @@ class SafetensorsFile:
             n = int.from_bytes(head, "little")
             if n > size - 8:
                 raise self._broken(f"its header claims {n} bytes but the file has {size}")
+            if n > MAX_HEADER_BYTES:
+                raise self._broken(f"its header claims {n} bytes, more than the format allows ({MAX_HEADER_BYTES})")
             try:
                 header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise self._broken(f"its header is not valid JSON: {e}") from None
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                raise self._broken(f"its header is not valid JSON: {str(e)[:160]}") from None
         if not isinstance(header, dict):
             raise self._broken("its header is not a JSON object")
         header.pop("__metadata__", None)
@@ -73,8 +77,8 @@ class SafetensorsFile:
                 dtype, shape = _DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
                 begin, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise self._broken(f"tensor {name!r} has an unreadable or unknown entry {info!r}") from None
-            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+                raise self._broken(f"tensor {name!r} has an unreadable or unknown entry {info!r:.200}") from None
+            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or any(d < 0 for d in shape):
                 raise self._broken(f"tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
             if self.base + end > size:
                 raise self._broken(f"tensor {name!r} ends at byte {self.base + end} but the file has {size} "
@@ -229,10 +233,12 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def _shards(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index, CheckpointError, obj=True)["weight_map"]
         files = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index ({type(e).__name__}: {e})") from None
+    if not all(isinstance(name, str) and name and Path(name).name == name for name in files):
+        raise CheckpointError(f"{index} is not a valid shard index: its weight_map names files outside the directory")
     missing = [name for name in files if not (index.parent / name).is_file()]
     if missing:
         raise CheckpointError(f"{index.parent} lacks {len(missing)} of the {len(files)} shards its index names "

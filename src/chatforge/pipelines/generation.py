@@ -17,13 +17,13 @@ from typing import Any, Optional, Sequence, Union
 
 from chatforge.chat.conversation import Conversation
 from chatforge.chat.session import CHAT_DEFAULTS, ChatModel
-from chatforge.engine import Engine, GenerationConfig
+from chatforge.engine import Engine, GenerationConfig, response_format_schema
 from chatforge.errors import ChatforgeError
 from chatforge.loader import load, load_chat_model
 
 TEXT_DEFAULTS = GenerationConfig(max_new_tokens=64, temperature=0.8)  # text-generation; chat: CHAT_DEFAULTS
 _GEN_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop",
-               "stop_token_ids", "skip_special_tokens"}
+               "stop_token_ids", "skip_special_tokens", "json_schema", "grammar"}
 
 
 def generation_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -33,10 +33,14 @@ def generation_options(options: dict[str, Any]) -> dict[str, Any]:
         options["temperature"] = 0.0
     if "max_length" in options:
         raise ChatforgeError("max_length is not supported; use max_new_tokens")
+    if "response_format" in options:  # OpenAI's {"type": "json_schema", "json_schema": {"schema": ...}}
+        schema = response_format_schema(options.pop("response_format"))
+        if schema is not None:
+            options["json_schema"] = schema
     unknown = sorted(set(options) - _GEN_FIELDS)
     if unknown:
         raise ChatforgeError(f"unknown generation option(s): {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(_GEN_FIELDS | {'do_sample'}))}")
+                             f"known: {', '.join(sorted(_GEN_FIELDS | {'do_sample', 'response_format'}))}")
     return {k: v for k, v in options.items() if v is not None}
 
 

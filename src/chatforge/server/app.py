@@ -4,13 +4,14 @@
     uvicorn.run(app)                                        # or `chatforge serve`
 
 /health answers 503 until the model is loaded, then 200. The Guard (plain ASGI, so streaming and
-disconnect detection pass through untouched) checks the API key, refuses oversized bodies with
-413 and counts every request for /metrics.
+disconnect detection pass through untouched) applies the browser rules of security.py, checks the
+API key, refuses oversized bodies with 413, counts every request for /metrics and answers a bug
+with one logged traceback and a 500.
 """
 from __future__ import annotations
 
-import hmac
 import logging
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -19,18 +20,23 @@ from typing import Any, Callable, Optional
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.exceptions import RequestValidationError
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from chatforge.errors import ChatforgeError
-from chatforge.server.settings import ServeConfig
+from chatforge.server.settings import API_KEY_ENV, ServeConfig
 from chatforge.server.conversations_api import router as conversations_router
 from chatforge.server.embeddings_api import load_embedding_service
 from chatforge.server.embeddings_api import router as embeddings_router
-from chatforge.server.errors import APIError, error_body, handle_error, handle_http_error
+from chatforge.server.errors import (APIError, error_response, handle_error, handle_http_error,
+                                     handle_validation_error)
 from chatforge.server.metrics import Metrics
 from chatforge.server.openai_api import router as openai_router
+from chatforge.server.security import (BrowserPolicy, is_loopback, is_preflight, key_matches, make_api_key,
+                                       needs_made_up_key, strip_query_strings)
 from chatforge.server.service import ModelService
 from chatforge.server.store import Store
 from chatforge.server.tokens_api import router as tokens_router
@@ -77,15 +83,16 @@ def load_service(config: ServeConfig, metrics: Metrics) -> ModelService:
 def create_app(config: ServeConfig, service: Optional[ModelService] = None,
                on_fatal: Optional[Callable[[BaseException], None]] = None,
                on_ready: Optional[Callable[[ModelService], None]] = None,
-               loader: Callable[[ServeConfig, Metrics], ModelService] = load_service) -> FastAPI:
+               loader: Callable[[ServeConfig, Metrics], ModelService] = load_service,
+               store: Optional[Store] = None) -> FastAPI:
     """The server as an ASGI app. Without `service`, `loader` loads the model on a thread once the
     app starts; then `on_ready(service)` is called, or `on_fatal(error)` if loading failed (the CLI
-    stops the server and reports it)."""
+    stops the server and reports it). Without `store`, the database opens when the app starts."""
     metrics = service.scheduler.metrics if service is not None else Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.store = Store(config.db_path)
+        app.state.store = store if store is not None else Store(config.db_path)
         if app.state.service is None:
             threading.Thread(target=_load, args=(app,), name="chatforge-loader", daemon=True).start()
         try:
@@ -117,7 +124,7 @@ def create_app(config: ServeConfig, service: Optional[ModelService] = None,
         metrics.model_loaded.set(1)
     app.add_exception_handler(ChatforgeError, handle_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
-    app.add_exception_handler(Exception, handle_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.include_router(openai_router)
     app.include_router(tokens_router)
     app.include_router(embeddings_router)
@@ -161,44 +168,68 @@ class BodyTooLarge(APIError):
 
 
 class Guard:
-    """API key, body-size limit and request metrics, in front of every route."""
+    """In front of every route: browser safety (security.py), the API key, the body-size limit, request
+    metrics, and bugs: an exception no handler took is logged here once, with its traceback, and answered
+    500 in the OpenAI shape (not raised on, where uvicorn would log it a second time)."""
 
     def __init__(self, app: Any, config: ServeConfig, metrics: Metrics):
         self.app, self.config, self.metrics = app, config, metrics
+        self.browser = BrowserPolicy(config, exempt=OPEN_PATHS + SHELL_PATHS)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), [500]
+        started, status = time.perf_counter(), [0]
+        headers = dict(scope.get("headers") or [])
+        origin = self.browser.cross_origin(headers)
+        cors = self.browser.cors_headers(origin) if origin and self.browser.allows(origin) else {}
 
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if cors:
+                    extra = [(k.lower().encode(), v.encode()) for k, v in cors.items()]
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
-            refusal = self._refuse(scope)
+            refusal = self.browser.refuse_host(headers)
+            if refusal is None and is_preflight(scope["method"].encode(), headers) and origin is not None:
+                refusal = self.browser.refuse_origin("", origin)
+                if refusal is None:
+                    await _respond(Response(status_code=204, headers=self.browser.preflight_headers(headers)),
+                                   send_status)
+                    return
+            refusal = refusal or self._refuse(scope, headers, origin)
             if refusal is not None:
-                await self._answer(refusal, send_status)
+                await _respond(error_response(refusal), send_status)
                 return
             await self.app(scope, self._limited(receive), send_status)
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer
+            status[0] = status[0] or 499
+        except Exception as e:  # a bug: one log line with the traceback, and a 500 unless the response began
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"], exc_info=e)
+            if not status[0]:
+                await _respond(error_response(e), send_status)
         finally:
-            route = scope.get("route")
-            name = getattr(route, "path", None) or ("unknown" if status[0] == 404 else scope["path"])
-            self.metrics.requests.inc(route=name, status=str(status[0]))
-            self.metrics.request_seconds.observe(time.perf_counter() - started, route=name)
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.inc(route=route, status=str(status[0] or 500))
+            self.metrics.request_seconds.observe(time.perf_counter() - started, route=route)
 
-    def _refuse(self, scope: dict) -> Optional[APIError]:
+    def _refuse(self, scope: dict, headers: dict[bytes, bytes], origin: Optional[str]) -> Optional[APIError]:
         path = scope["path"]
-        headers = dict(scope.get("headers") or [])
+        refusal = self.browser.refuse_origin(path, origin)
+        if refusal is not None:
+            return refusal
         key = self.config.api_key
         if key and path not in OPEN_PATHS and path not in SHELL_PATHS and not path.startswith("/static/"):
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            if not key_matches(headers.get(b"authorization", b""), key):
                 return APIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
                                 type="invalid_request_error", code="invalid_api_key",
                                 headers={"WWW-Authenticate": "Bearer"})
+        refusal = self.browser.refuse_content_type(scope["method"].encode(), headers)
+        if refusal is not None:
+            return refusal
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
             return BodyTooLarge(self.config.max_body_bytes)
@@ -219,16 +250,25 @@ class Guard:
 
         return limited
 
-    @staticmethod
-    async def _answer(err: APIError, send: Callable) -> None:
-        await JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status,
-                           headers=err.headers)({"type": "http"}, None, send)
+
+async def _respond(response: Response, send: Callable) -> None:
+    await response({"type": "http"}, None, send)
+
+
+def _announce_key(key: str, host: str, port: int, announce: Callable[[str], None]) -> None:
+    """Jupyter-style: the key made up for this run, and the page's address that signs it in (the part after
+    # stays in the browser: it is never sent to the server or written to a log)."""
+    name = socket.gethostname() if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
+    announce("chatforge serve: listening beyond this machine and no --api-key was given, so this run made one up; "
+             "clients must send `Authorization: Bearer <key>` (OpenAI SDKs: api_key=<key>):")
+    announce(f"chatforge serve:     {API_KEY_ENV}={key}")
+    announce(f"chatforge serve:     web page: http://{name}:{port}/#key={key}")
+    announce(f"chatforge serve: set {API_KEY_ENV} (or --api-key) to choose the key; --no-require-api-key serves "
+             "without one")
 
 
 def bind(host: str, port: int):
     """A listening socket for host:port (port 0 = any free one); a ChatforgeError when it is taken."""
-    import socket
-
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
@@ -246,11 +286,20 @@ def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
     On a signal: stop accepting, give running replies `shutdown_timeout` seconds to finish, cancel
     the rest, close the database, return. A model that fails to load raises its error here.
     """
+    import dataclasses
     import signal
 
     import uvicorn
 
-    sock = bind(config.host, config.port)
+    made_up = needs_made_up_key(config)
+    if made_up:
+        config = dataclasses.replace(config, api_key=make_api_key())
+    store = Store(config.db_path)  # a database it cannot open: one line, before anything is announced
+    try:
+        sock = bind(config.host, config.port)
+    except ChatforgeError:
+        store.close()
+        raise
     host, port = sock.getsockname()[:2]
     failed: list[BaseException] = []
     server: Optional[uvicorn.Server] = None
@@ -267,15 +316,18 @@ def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
                      f"({embedding.embedder.dimensions} dimensions, up to {embedding.embedder.max_length} tokens "
                      "per input)")
 
-    app = create_app(config, on_fatal=fatal, on_ready=ready)
+    app = create_app(config, on_fatal=fatal, on_ready=ready, store=store)
     server = uvicorn.Server(uvicorn.Config(app, log_level=config.log_level, lifespan="on",
                                            timeout_graceful_shutdown=config.shutdown_timeout))
+    strip_query_strings()
     shown = f"[{host}]" if ":" in host else host
     announce(f"chatforge serve: http://{shown}:{port} (web page at /, OpenAI API at /v1; the model loads now, "
              f"GET /health says when it is ready)")
-    if config.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
-        announce("chatforge serve: warning: listening beyond this machine without --api-key; anyone who can reach "
-                 "it can use the model and read the conversations")
+    if made_up:
+        _announce_key(config.api_key, host, port, announce)
+    elif not config.api_key and not is_loopback(config.host):
+        announce("chatforge serve: WARNING: listening beyond this machine with no API key (--no-require-api-key): "
+                 "anyone who can reach it can use the model and read every conversation")
     # uvicorn handles the signals while it runs, then raises them again: make that a no-op so a
     # clean shutdown ends as a normal return (exit status 0) rather than a KeyboardInterrupt or a kill
     main = threading.current_thread() is threading.main_thread()

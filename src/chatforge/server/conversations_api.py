@@ -11,34 +11,40 @@
     DELETE /api/conversations/{id}/messages/{mid}       drop a message and what follows (regenerate)
     POST   /api/conversations/{id}/reply                the assistant's reply, streamed (server-sent events)
 
-A reply streams as `data: {"type": "start" | "delta" | "done" | "error", ...}` events and is saved
-when it ends; a reply the user stops (the page aborts the request) is saved as far as it got.
+A reply streams as `data: {"type": "start" | "delta" | "done" | "error", ...}` events. It is written
+to the store as it grows (at its first text, then at least every FLUSH_SECONDS), marked `unfinished`
+until it ends, so a server killed mid-reply keeps all but the last second of it, marked; a reply
+the user stops (the page aborts the request) is saved as far as it got.
 A conversation's sampling settings are checked by GenerationConfig when they are saved (a 400 on
 `settings.<name>`), under the same API limits as the OpenAI endpoints.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import APIRouter
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 
 from chatforge.chat.session import CHAT_DEFAULTS
 from chatforge.engine import GenerationConfig
-from chatforge.errors import ChatforgeError
-from chatforge.server.errors import APIError, error_body
+from chatforge.server.errors import APIError, NotFoundError, error_body
 from chatforge.server.openai_api import SSE_HEADERS, StrictBody, sampling_config
 from chatforge.server.service import ClientGone, ModelService, Run, get_service, json_dumps, parse_body, watch_disconnect
 from chatforge.server.store import Store
 
 router = APIRouter(prefix="/api")
+FLUSH_SECONDS = 1.0  # a reply being generated is written to the store at least this often
 
 
 class Settings(StrictBody):
-    """Sampling settings a conversation keeps (None = the server's chat default); values: see reply_config."""
+    """Sampling settings a conversation keeps (None = the server's chat default); values: see reply_config.
+    A name that is not one of them is refused (a 400 on `settings.<name>`), not kept and ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     temperature: Optional[float] = None
     top_p: Optional[float] = None
@@ -130,16 +136,16 @@ async def add_message(request: HTTPRequest, cid: str) -> JSONResponse:
     return JSONResponse(_store(request).add_message(cid, "user", body.content), status_code=201)
 
 
-@router.patch("/conversations/{cid}/messages/{mid}")
-async def edit_message(request: HTTPRequest, cid: str, mid: int) -> dict[str, Any]:
+@router.patch("/conversations/{cid}/messages/{message_id}")
+async def edit_message(request: HTTPRequest, cid: str, message_id: int) -> dict[str, Any]:
     body = await parse_body(request, MessageBody)
     _check_length(body.content, request, "content")
-    return _store(request).edit_message(cid, mid, body.content)
+    return _store(request).edit_message(cid, message_id, body.content)
 
 
-@router.delete("/conversations/{cid}/messages/{mid}")
-def truncate(request: HTTPRequest, cid: str, mid: int) -> dict[str, Any]:
-    return _store(request).truncate(cid, mid)
+@router.delete("/conversations/{cid}/messages/{message_id}")
+def truncate(request: HTTPRequest, cid: str, message_id: int) -> dict[str, Any]:
+    return _store(request).truncate(cid, message_id)
 
 
 def reply_config(settings: dict[str, Any], base: GenerationConfig,
@@ -172,44 +178,90 @@ async def reply(request: HTTPRequest, cid: str) -> StreamingResponse:
     [job] = run.jobs
 
     async def events() -> AsyncIterator[str]:
-        pieces: list[str] = []
-        saved = False
+        draft = Draft(store, cid)
         started = time.perf_counter()
 
-        def save(stopped: bool) -> dict[str, Any]:
-            nonlocal saved
-            saved = True
+        def meta(stopped: bool) -> dict[str, Any]:
             elapsed = time.perf_counter() - started
-            meta = {"finish_reason": "stopped" if stopped else job.outcome, "prompt_tokens": len(prompt_ids),
+            return {"finish_reason": "stopped" if stopped else job.outcome, "prompt_tokens": len(prompt_ids),
                     "completion_tokens": job.request.completion_tokens, "dropped_messages": dropped,
                     "tokens_per_second": round(job.request.completion_tokens / elapsed, 1) if elapsed > 0 else 0.0}
-            return store.add_message(cid, "assistant", "".join(pieces).strip(), meta)
 
         disconnect = watch_disconnect(request)
+        flusher = asyncio.ensure_future(draft.keep_written())
         try:
             yield _event({"type": "start", "prompt_tokens": len(prompt_ids), "dropped_messages": dropped})
             async for burst in run.bursts(disconnect):
                 text = "".join(t for _, kind, t in burst if kind == "text")
                 if text:
-                    pieces.append(text)
+                    draft.grow(text)
                     yield _event({"type": "delta", "text": text})
             if job.outcome == "error":
                 yield _event({"type": "error", **error_body(job.error or "generation failed", "server_error")})
                 return
-            message = save(stopped=False)
+            message = draft.finish(meta(stopped=False), keep_empty=True)
             yield _event({"type": "done", "message": message, "finish_reason": job.outcome})
         except ClientGone:
             pass
         finally:  # stopped by the user (the page aborted the request) or cut at shutdown: keep what was said
+            flusher.cancel()
             disconnect.cancel()
             run.cancel()
-            if not saved and "".join(pieces).strip():
-                try:
-                    save(stopped=True)
-                except ChatforgeError:  # the conversation was deleted meanwhile: nothing to keep it in
-                    pass
+            if not draft.finished:
+                draft.finish(meta(stopped=True))
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+class Draft:
+    """A reply kept in the store while it is generated: inserted `unfinished` at its first text, rewritten
+    when FLUSH_SECONDS have passed (on the next text, or by keep_written when none comes), then finished.
+    A reply deleted meanwhile (its conversation, or the reply by a regenerate) is no longer written."""
+
+    def __init__(self, store: Store, cid: str) -> None:
+        self.store, self.cid = store, cid
+        self.pieces: list[str] = []
+        self.mid: Optional[int] = None
+        self.written = 0  # pieces in the store
+        self.last_write = 0.0
+        self.finished = self.gone = False
+
+    def grow(self, text: str) -> None:
+        self.pieces.append(text)
+        if self.mid is None or time.monotonic() - self.last_write >= FLUSH_SECONDS:
+            self._write(None, unfinished=True)
+
+    async def keep_written(self) -> None:
+        """Write what came since the last write once it is FLUSH_SECONDS old, however slowly text arrives."""
+        while not self.gone:
+            await asyncio.sleep(FLUSH_SECONDS)
+            if self.mid is not None and self.written < len(self.pieces):
+                self._write(None, unfinished=True)
+
+    def finish(self, meta: dict[str, Any], keep_empty: bool = False) -> Optional[dict[str, Any]]:
+        """The whole reply with its meta, no longer unfinished (nothing is kept of an empty stopped reply)."""
+        self.finished = True
+        if self.mid is None and not (keep_empty or self.text):
+            return None
+        return self._write(meta, unfinished=False)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces).strip()
+
+    def _write(self, meta: Optional[dict[str, Any]], unfinished: bool) -> Optional[dict[str, Any]]:
+        if self.gone:
+            return None
+        self.written, self.last_write = len(self.pieces), time.monotonic()
+        try:
+            if self.mid is None:
+                message = self.store.add_message(self.cid, "assistant", self.text, meta, unfinished=unfinished)
+                self.mid = message["id"]
+                return message
+            return self.store.write_reply(self.cid, self.mid, self.text, meta, unfinished=unfinished)
+        except NotFoundError:
+            self.gone = True
+            return None
 
 
 def _event(data: dict[str, Any]) -> str:

@@ -1,12 +1,12 @@
 """Every error the server answers, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 A ChatforgeError (the user's mistake) becomes a 4xx; APIError says exactly which one. Anything
-else is a bug in chatforge: logged with its traceback and answered 500 in the same shape.
+else is a bug in chatforge: logged once with its traceback (by app.py's Guard) and answered 500 in
+the same shape.
 """
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, Optional
 
 from starlette.requests import Request
@@ -15,8 +15,6 @@ from starlette.responses import JSONResponse
 from chatforge.engine import GenerationConfigError, PromptTooLongError
 from chatforge.errors import ChatforgeError
 from chatforge.server.scheduler import QueueFullError
-
-log = logging.getLogger("chatforge.server")
 
 
 class APIError(ChatforgeError):
@@ -36,7 +34,15 @@ class NotFoundError(APIError):
 
 def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
                code: Optional[str] = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """The error object; text quoted from a request (a field's name, say) keeps a lone surrogate as `\\ud800`,
+    so the answer is always valid UTF-8."""
+    return {"error": {"message": _printable(message), "type": type, "param": _printable(param), "code": code}}
+
+
+def _printable(text: Optional[str]) -> Optional[str]:
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def as_api_error(exc: BaseException) -> APIError:
@@ -62,10 +68,20 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
-    """Exception handler for the app: user errors as 4xx, bugs as a logged 500."""
-    if not isinstance(exc, ChatforgeError):
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    """Exception handler for the app's user errors: a 4xx. Bugs are caught and logged once by the Guard
+    (app.py), which also answers them: an exception handler for Exception would have Starlette raise
+    them again, and uvicorn log the same traceback a second time."""
     return error_response(exc)
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's own check of path parameters (a message id that is not an integer) as a 400 in the
+    OpenAI shape, like every other malformed value, rather than FastAPI's 422 `{"detail": ...}`."""
+    errors = getattr(exc, "errors", lambda: [])()
+    first = errors[0] if errors else {}
+    param = str(first.get("loc", ("", "value"))[-1]) or None
+    return error_response(APIError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param,
+                                   code="invalid_value"))
 
 
 async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:

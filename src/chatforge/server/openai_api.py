@@ -23,7 +23,10 @@ from starlette.responses import JSONResponse, StreamingResponse
 from chatforge.engine import GenerationConfig, GenerationConfigError, PromptTooLongError, Request, start_ids
 from chatforge.errors import ChatforgeError
 from chatforge.server.errors import APIError, sse_error
+from chatforge.server.logprobs import ChoiceLogprobs
 from chatforge.server.service import ClientGone, ModelService, Run, get_service, json_dumps, parse_body, watch_disconnect
+from chatforge.server.structured import (AssistantToolCall, ChoiceTools, ResponseFormat, ToolChoice, ToolDef,
+                                         ToolSpec, structured_config, structured_errors, tool_spec)
 
 router = APIRouter()
 
@@ -35,6 +38,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # value rule is a declared limit of the API, not of the engine: the CLI and Python API still take more.
 API_MAX_TEMPERATURE = 2.0
 API_MAX_STOPS = 4  # OpenAI's limit on stop sequences
+API_MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions' logprobs (chat's top_logprobs: 20)
 
 
 # --- request bodies ------------------------------------------------------------------------------------
@@ -52,6 +56,8 @@ class ChatMessage(StrictBody):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[AssistantToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # role "tool": the call this message answers
 
 
 class StreamOptions(StrictBody):
@@ -75,21 +81,25 @@ class SamplingFields(StrictBody):
     user: Optional[str] = None
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
-    logprobs: Optional[Union[bool, int]] = None
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = None  # token id (a string in JSON) -> bias in [-100, 100]
     ignore_eos: bool = False  # chatforge (and vLLM): the end-of-turn token does not end the reply; for benchmarks
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: Optional[int] = None
-    tools: Optional[list[Any]] = None
-    response_format: Optional[dict[str, Any]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None  # 0-20, with logprobs: true
+    tools: Optional[list[ToolDef]] = None
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[ResponseFormat] = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
+    logprobs: Optional[int] = None  # 0-5: the chosen token's and the 5 most likely tokens' log-probabilities
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
@@ -99,19 +109,12 @@ class CompletionRequest(SamplingFields):
 def _unsupported(body: SamplingFields) -> None:
     """Refuse features we do not have rather than ignore them and answer something else."""
     checks = {
-        "logprobs": body.logprobs not in (None, False, 0),
-        "logit_bias": bool(body.logit_bias),
-        "frequency_penalty": body.frequency_penalty not in (None, 0),
-        "presence_penalty": body.presence_penalty not in (None, 0),
-        "tools": bool(getattr(body, "tools", None)),
-        "response_format": (getattr(body, "response_format", None) or {}).get("type", "text") != "text",
         "suffix": getattr(body, "suffix", None) is not None,
         "best_of": getattr(body, "best_of", None) not in (None, 1),
     }
     for param, bad in checks.items():
         if bad:
-            hint = " (use repetition_penalty)" if param.endswith("_penalty") else ""
-            raise APIError(400, f"{param} is not supported by chatforge{hint}", param=param, code="unsupported")
+            raise APIError(400, f"{param} is not supported by chatforge", param=param, code="unsupported")
 
 
 def sampling_config(base: GenerationConfig, values: dict[str, Any], *, prefix: str = "",
@@ -149,8 +152,37 @@ def generation_config(body: SamplingFields, service: ModelService, max_tokens: O
               "max_new_tokens": max_tokens if max_tokens is not None
               else min(default_max_tokens, service.max_tokens_cap),
               "stop_token_ids": [] if body.ignore_eos else None}
-    cfg = sampling_config(service.chat.defaults, values, names={"max_new_tokens": max_tokens_param})
+    scoring, names = _scoring(body)
+    cfg = sampling_config(service.chat.defaults, {**values, **scoring},
+                          names={"max_new_tokens": max_tokens_param, **names})
     return service.chat.config(cfg)  # adds the fallback template's turn-boundary stops
+
+
+def _scoring(body: SamplingFields) -> tuple[dict[str, Any], dict[str, str]]:
+    """The penalties, logit_bias and logprobs a request asks for as GenerationConfig fields, and the request's
+    names for the fields it names differently. Chat: logprobs (bool) + top_logprobs (0-20); completions:
+    logprobs (0-5), and with echo the prompt's too."""
+    bias = None
+    if body.logit_bias:
+        bad = next((k for k in body.logit_bias if not k.isdecimal()), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias keys must be token ids (integers, as strings in JSON), got {bad!r}",
+                           param="logit_bias")
+        bias = {int(k): v for k, v in body.logit_bias.items()}
+    values = {"frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
+              "logit_bias": bias}
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs is only allowed with logprobs: true", param="top_logprobs")
+        values["logprobs"] = (body.top_logprobs or 0) if body.logprobs else None
+        return values, {"logprobs": "top_logprobs"}
+    logprobs = getattr(body, "logprobs", None)
+    if logprobs is not None and not 0 <= logprobs <= API_MAX_COMPLETION_LOGPROBS:
+        raise APIError(400, f"logprobs must be between 0 and {API_MAX_COMPLETION_LOGPROBS} (OpenAI's range for "
+                            f"completions), got {logprobs}", param="logprobs")
+    values["logprobs"] = logprobs
+    values["prompt_logprobs"] = logprobs if getattr(body, "echo", False) else None
+    return values, {"prompt_logprobs": "logprobs"}
 
 
 def chat_messages(messages: list[ChatMessage], service: ModelService) -> list[dict[str, str]]:
@@ -175,11 +207,26 @@ def chat_messages(messages: list[ChatMessage], service: ModelService) -> list[di
             raise APIError(400, f"messages.{i} is {len(content)} characters, more than this server's limit of "
                                 f"{limits.max_message_chars} (--max-message-chars)", param=f"messages.{i}.content")
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages.{i}.role {m.role!r} is not supported; use system, user or assistant",
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"messages.{i}.role {m.role!r} is not supported; use system, user, assistant or tool",
                            param=f"messages.{i}.role")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **_tool_fields(m, i)})
     return out
+
+
+def _tool_fields(m: ChatMessage, i: int) -> dict[str, Any]:
+    """What tool calling adds to message i: an assistant's tool_calls, a tool result's tool_call_id."""
+    if m.role == "tool":
+        if not m.tool_call_id:
+            raise APIError(400, f"messages.{i}: a tool message needs the tool_call_id of the call it answers",
+                           param=f"messages.{i}.tool_call_id")
+        return {"tool_call_id": m.tool_call_id}
+    if m.tool_calls:
+        if m.role != "assistant":
+            raise APIError(400, f"messages.{i}: only assistant messages have tool_calls",
+                           param=f"messages.{i}.tool_calls")
+        return {"tool_calls": [c.model_dump() for c in m.tool_calls]}
+    return {}
 
 
 def _usage(prompt_tokens: int, run: Run) -> dict[str, int]:
@@ -198,24 +245,51 @@ class ResponseShape:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.prefix = prefix  # echo=True: the prompt before each completion
+        self.scoring: list[ChoiceLogprobs] = []  # per choice, when the request asked for logprobs
+        self._echoed: set[int] = set()  # streamed choices whose prefix is out
+        self.tools: list[ChoiceTools] = []  # per choice, when the model may call tools
+
+    def logprobs(self, index: int, upto: Optional[int] = None) -> Optional[dict[str, Any]]:
+        """Choice `index`'s logprobs not yet written, up to record `upto` (all so far when None); None if unasked."""
+        return self.scoring[index].take(upto) if self.scoring else None
 
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def choice(self, index: int, text: str, finish_reason: Optional[str]) -> dict[str, Any]:
         if self.kind == "chat":
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish_reason}
-        return {"index": index, "text": self.prefix + text, "logprobs": None, "finish_reason": finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.tools:  # calls out of the text: message.tool_calls, finish_reason "tool_calls"
+                message, finish_reason = self.tools[index].message(text, finish_reason)
+            return {"index": index, "message": message,
+                    "logprobs": self.logprobs(index), "finish_reason": finish_reason}
+        return {"index": index, "text": self.prefix + text, "logprobs": self.logprobs(index),
+                "finish_reason": finish_reason}
 
     def chunk_choice(self, index: int, text: Optional[str], finish_reason: Optional[str],
-                     first: bool = False) -> dict[str, Any]:
+                     first: bool = False, logprobs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text is not None:
                 delta["content"] = text
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        # echo: the prompt comes first, in the first chunk; with logprobs in the choice's first event, which
+        # carries the prompt's logprobs (they exist once the prompt is prefilled)
+        if self.prefix and index not in self._echoed and first != bool(self.scoring and self.scoring[index].echo):
+            self._echoed.add(index)
+            text = self.prefix + (text or "")
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def tool_chunks(self, index: int, text: str, outcome: Optional[str]) -> list[dict[str, Any]]:
+        """Chunk choices of choice `index` when it may call tools: the deltas its text releases (all that is
+        held, then the finish reason, once `outcome` is set)."""
+        tools = self.tools[index]
+        chunks = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+                  for delta in tools.deltas(text, final=outcome is not None)]
+        if outcome is not None and outcome != "error":
+            chunks.append({"index": index, "delta": {}, "logprobs": None,
+                           "finish_reason": tools.finish_reason(_finish_reason(outcome))})
+        return chunks
 
     @property
     def object(self) -> str:
@@ -269,16 +343,28 @@ def stream(request: HTTPRequest, run: Run, shape: ResponseShape, include_usage: 
     async def events() -> AsyncIterator[str]:
         disconnect = watch_disconnect(request)
         try:
-            first = [shape.chunk_choice(i, None if shape.kind == "chat" else "", None, first=True)
+            first = [shape.chunk_choice(i, None if shape.kind == "chat" else "", None, first=True,
+                                        logprobs=shape.logprobs(i, 0))  # echo: the prompt's logprobs
                      for i in range(len(run.jobs))]
             yield event(first, dropped_messages=shape.dropped)
             async for burst in run.bursts(disconnect):  # one write per burst of ready events
                 out = []
                 for index, kind, text in burst:
-                    if kind == "text":
-                        out.append(event([shape.chunk_choice(index, text, None)]))
+                    # the logprobs of the tokens this event's text came from (each chunk carries its own); the
+                    # mark is taken at every event, so records an event does not send go with the next one
+                    mark = run.logprob_mark(index) if shape.scoring else None
+                    logprobs = shape.logprobs(index, mark) if shape.scoring and not shape.tools else None
+                    if shape.tools:  # text becomes content and tool-call deltas as the parser releases them
+                        chunks = shape.tool_chunks(index, text if kind == "text" else "",
+                                                   None if kind == "text" else run.jobs[index].outcome)
+                        if chunks and shape.scoring:  # the logprobs of every token since the last chunk
+                            chunks[0]["logprobs"] = shape.logprobs(index, mark)
+                        out += [event([c]) for c in chunks]
+                    elif kind == "text":
+                        out.append(event([shape.chunk_choice(index, text, None, logprobs=logprobs)]))
                     elif run.jobs[index].outcome != "error":
-                        out.append(event([shape.chunk_choice(index, None, _finish_reason(run.jobs[index].outcome))]))
+                        out.append(event([shape.chunk_choice(index, None, _finish_reason(run.jobs[index].outcome),
+                                                             logprobs=logprobs)]))
                 yield "".join(out)
             failure = run.failure()
             if failure:
@@ -300,6 +386,9 @@ def stream(request: HTTPRequest, run: Run, shape: ResponseShape, include_usage: 
 
 async def respond(request: HTTPRequest, body: SamplingFields, service: ModelService, requests: list[Request],
                   shape: ResponseShape) -> Any:
+    if requests and requests[0].config.logprobs is not None:
+        shape.scoring = [ChoiceLogprobs(shape.kind, service.tokenizer, r, echo=r.config.prompt_logprobs is not None)
+                         for r in requests]
     run = Run(service.scheduler, requests)  # QueueFullError (429) before any byte is sent
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -328,9 +417,15 @@ async def chat_completions(request: HTTPRequest) -> Any:
     else:
         max_tokens, param = body.max_tokens, "max_tokens"
     config = generation_config(body, service, max_tokens, service.config.default_max_tokens, param)
-    prompt_ids, dropped = service.chat.prompt(messages, config)
-    requests = service.requests(prompt_ids, config, body.n)  # a prompt too long for the context: a 400 on messages
+    spec = tool_spec(body)  # tools, tool_choice, parallel_tool_calls (chat/tools.py)
+    config = structured_config(body, config, spec)  # response_format or a forced call: a grammar
+    messages, tools = (spec or ToolSpec.none()).prompt(messages, service.chat.format.renders_tools)
+    prompt_ids, dropped = service.chat.prompt(messages, config, tools)
+    with structured_errors():  # the grammar compiles with the first request: a bad schema is a 400 on it
+        requests = service.requests(prompt_ids, config, body.n)  # a prompt too long: a 400 on messages
     shape = ResponseShape("chat", service.name, len(prompt_ids), dropped)
+    if spec is not None and spec.active:
+        shape.tools = [ChoiceTools(spec) for _ in requests]
     return await respond(request, body, service, requests, shape)
 
 
@@ -345,7 +440,7 @@ async def completions(request: HTTPRequest) -> Any:
         requests = [r for ids in prompts for r in service.requests(ids, config, body.n)]
     except ChatforgeError as e:
         raise _prompt_error(e) from None
-    prefix = service.tokenizer.decode(prompts[0]) if body.echo else ""
+    prefix = _echo_text(body.prompt, service) if body.echo else ""
     shape = ResponseShape("text", service.name, sum(len(p) for p in prompts), 0, prefix)
     return await respond(request, body, service, requests, shape)
 
@@ -372,8 +467,17 @@ def _prompt_ids(prompt: Any, service: ModelService) -> list[list[int]]:
         raise _prompt_error(e) from None
 
 
+def _echo_text(prompt: Any, service: ModelService) -> str:
+    """The first prompt as the client sent it (`echo`): its text, or its ids decoded. Not the start
+    token an empty prompt is given (start_ids), which the client never sent."""
+    first = prompt if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt[0]
+    return first if isinstance(first, str) else service.tokenizer.decode(first)
+
+
 def _prompt_error(e: ChatforgeError) -> APIError:
-    """The engine's refusal of a completions prompt as a 400 on `prompt`."""
+    """The engine's refusal of a completions prompt as a 400 on `prompt` (of a setting, on that setting)."""
+    if isinstance(e, GenerationConfigError):  # the engine's check of logit_bias against the vocabulary
+        return APIError(400, str(e), param=e.field)
     code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
     return APIError(400, str(e), param="prompt", code=code)
 
@@ -383,14 +487,26 @@ def model_card(service: ModelService) -> dict[str, Any]:
             "context_length": service.context}
 
 
+def embedding_card(request: HTTPRequest) -> Optional[dict[str, Any]]:
+    """The card of the embedding model served beside the chat model (`--embedding-model`), if any."""
+    embedder = getattr(request.app.state, "embedder", None)
+    if embedder is None:
+        return None
+    return {"id": embedder.name, "object": "model", "created": get_service(request).created, "owned_by": "chatforge",
+            "context_length": embedder.embedder.max_length, "dimensions": embedder.embedder.dimensions}
+
+
 @router.get("/v1/models")
 async def list_models(request: HTTPRequest) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(get_service(request))]}
+    cards = [model_card(get_service(request)), embedding_card(request)]
+    return {"object": "list", "data": [c for c in cards if c is not None]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: HTTPRequest, model_id: str) -> dict[str, Any]:
-    service = get_service(request)
+    service, embedding = get_service(request), embedding_card(request)
+    if embedding is not None and model_id in request.app.state.embedder.aliases:
+        return embedding
     service.check_model(model_id)
     return model_card(service)
 

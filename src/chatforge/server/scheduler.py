@@ -189,6 +189,7 @@ class Scheduler:
                 self._dispatch(newcomer.step())
             else:
                 self._dispatch(self._state.join(newcomer))
+            self._flush()  # the newcomers' first tokens go out now, not a decoding step of the whole batch later
         state = self._state
         if state is None or state.done:
             return

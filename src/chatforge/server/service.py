@@ -19,6 +19,8 @@ from starlette.requests import Request as HTTPRequest
 
 from chatforge.chat.session import ChatModel
 from chatforge.engine import Engine, GenerationConfig, Request
+from chatforge.engine.generation import derived_seed
+from chatforge.server.bodies import read_json
 from chatforge.server.settings import ServeConfig
 from chatforge.server.errors import APIError, NotFoundError
 from chatforge.server.metrics import Metrics
@@ -62,10 +64,11 @@ class ModelService:
                            param=param, code="context_length_exceeded")
 
     def requests(self, prompt_ids: Sequence[int], config: GenerationConfig, n: int = 1) -> list[Request]:
-        """n engine requests for one prompt; with a seed, choice i samples with seed + i (distinct, reproducible)."""
+        """n engine requests for one prompt; with a seed, choice i samples with seed + i (distinct, reproducible;
+        wrapped to 64 bits, so a seed near the limit still gives n seeds)."""
         out = []
         for i in range(n):
-            cfg = config if config.seed is None or i == 0 else config.replace(seed=config.seed + i)
+            cfg = config if config.seed is None or i == 0 else config.replace(seed=derived_seed(config.seed, i))
             out.append(self.engine.request(prompt_ids, cfg, incremental=True))
         return out
 
@@ -143,11 +146,23 @@ class Run:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._scheduler = scheduler
 
+        # per job that records logprobs: how many records it had at each of its events, so a stream can send
+        # each chunk the records of its own tokens (the scheduler runs ahead of the event loop)
+        self._marks: dict[int, collections.deque[int]] = collections.defaultdict(collections.deque)
+
         def deliver(job: Job, kind: str, text: str) -> None:  # on the scheduler thread
+            if job.request.logprobs is not None:
+                self._marks[id(job)].append(len(job.request.logprobs))
             mailbox.post(self._queue, (job, kind, text))
 
         self.jobs = scheduler.submit(requests, deliver)
         self._index = {id(j): i for i, j in enumerate(self.jobs)}
+
+    def logprob_mark(self, index: int) -> Optional[int]:
+        """How many logprob records choice `index` had when its event now being handled was sent (call once per
+        event, in order); None when it records none."""
+        marks = self._marks.get(id(self.jobs[index]))
+        return marks.popleft() if marks else None
 
     async def bursts(self, disconnect: Optional[asyncio.Future] = None
                      ) -> AsyncIterator[list[tuple[int, str, str]]]:
@@ -201,10 +216,7 @@ def watch_disconnect(request: HTTPRequest) -> asyncio.Task:
 async def parse_body(request: HTTPRequest, model: type[M]) -> M:
     """The JSON body checked against `model`; malformed JSON and wrong fields are a 400 naming the field."""
     raw = await request.body()
-    try:
-        data = json.loads(raw) if raw.strip() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    data = read_json(raw, request.app.state.config.max_message_chars) if raw.strip() else None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 from chatforge.errors import ConfigError
 
@@ -21,6 +22,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000  # 0 = any free port (the one taken is printed)
     api_key: Optional[str] = None  # when set, every endpoint but /health needs `Authorization: Bearer <key>`
+    require_api_key: Optional[bool] = None  # None: a key is made up when listening beyond loopback without one
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides loopback and --host; *: any
+    allowed_origins: list[str] = field(default_factory=list)  # other web pages that may call it (CORS); *: any
     db: Optional[str] = None  # SQLite file of the web page's conversations; default: default_db_path()
     device: str = "auto"
     dtype: Optional[str] = None  # fp32, bf16, fp16; None = the checkpoint's
@@ -55,6 +59,14 @@ class ServeConfig:
             raise ConfigError(f"unknown quantize {self.quantize!r}; use int8 or int4 (or leave it out)")
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.api_key and not (self.api_key.isascii() and self.api_key.isprintable() and " " not in self.api_key):
+            raise ConfigError("api_key must be printable ASCII without spaces: HTTP clients (browsers, the OpenAI "
+                              "SDKs) can send nothing else in a header")
+        self.allowed_origins = [normalize_origin(o) for o in self.allowed_origins]
+        for host in self.allowed_hosts:
+            if not host or any(c in host for c in "/@ ") or not host.isascii():
+                raise ConfigError(f"--allowed-hosts: {host!r} is not a host name; give names such as "
+                                  "chat.example.com or 192.168.1.5 (or * for any)")
 
     @property
     def db_path(self) -> Path:
@@ -69,7 +81,15 @@ HELP = {
                        "the chat model at POST /v1/embeddings (default: none; the endpoint then answers 400)",
     "host": "address to listen on (default 127.0.0.1: this machine only)",
     "port": "port to listen on (default 8000; 0 = any free port, printed at start)",
-    "api_key": f"require `Authorization: Bearer KEY` on every endpoint but /health (or set ${API_KEY_ENV})",
+    "api_key": f"require `Authorization: Bearer KEY` on every endpoint but /health; prefer ${API_KEY_ENV}: "
+               "a key given as a flag is visible to every user of this machine in `ps`",
+    "require_api_key": "--no-require-api-key serves without a key even beyond this machine; --require-api-key makes "
+                       "one up on localhost too (default: a key is made up and printed when --host is not a "
+                       "loopback address and no key is given)",
+    "allowed_hosts": "host names this server answers besides localhost, 127.0.0.1, [::1] and --host (* = any); "
+                     "other Host headers get 403, which stops DNS-rebinding pages",
+    "allowed_origins": "other web pages allowed to call this server from a browser, as scheme://host[:port] "
+                       "(* = any); they get CORS answers, other origins 403",
     "db": f"SQLite file for the web page's conversations (default: your data directory, or ${DB_ENV})",
     "device": "auto, cpu, cuda or mps (default auto)",
     "dtype": "fp32, bf16 or fp16 (default: the checkpoint's)",
@@ -86,6 +106,18 @@ HELP = {
     "log_level": "critical, error, warning, info or debug (default info: one line per request)",
     "shutdown_timeout": "seconds running replies get to finish on Ctrl-C/SIGTERM before they are cut (default 10)",
 }
+
+
+def normalize_origin(origin: str) -> str:
+    """`scheme://host[:port]` as a browser writes an Origin (lowercase); a ConfigError for anything else."""
+    if origin == "*":
+        return origin
+    parts = urlsplit(origin.strip().lower())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(f"--allowed-origins: {origin!r} is not an origin; write scheme://host[:port], "
+                          "e.g. http://localhost:3000 (or * for any)")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def default_db_path() -> Path:

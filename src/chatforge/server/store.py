@@ -1,8 +1,9 @@
 """Conversations of the web page in one SQLite file (stdlib sqlite3), so they survive restarts.
 
 WAL mode with full synchronous commits: every committed message is on disk before the API
-answers, so even a SIGKILL loses nothing that was acknowledged. One connection, guarded by a
-lock, serves the event loop and FastAPI's worker threads.
+answers, so even a SIGKILL loses nothing that was acknowledged. A reply being generated is written
+as it grows (`unfinished` until it ends), so a crash keeps it too, marked. One connection, guarded
+by a lock, serves the event loop and FastAPI's worker threads.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Any, Optional
 from chatforge.errors import ChatforgeError
 from chatforge.server.errors import NotFoundError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: messages.unfinished
 DEFAULT_TITLE = "New conversation"
+MAX_ID = 2**63 - 1  # SQLite's integers are signed 64-bit: a larger message id cannot exist
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -35,7 +37,8 @@ CREATE TABLE IF NOT EXISTS messages (
     role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
     content TEXT NOT NULL,
     meta TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    unfinished INTEGER NOT NULL DEFAULT 0  -- 1 while a reply is written as it grows; kept if it never ended
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
@@ -59,6 +62,9 @@ class Store:
                 raise ChatforgeError(f"the conversation database {self.path} was written by a newer chatforge "
                                      f"(schema {version}); upgrade chatforge or pass another --db")
             self._db.executescript(SCHEMA)
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(messages)")}
+            if "unfinished" not in columns:  # a schema 1 database
+                self._db.execute("ALTER TABLE messages ADD COLUMN unfinished INTEGER NOT NULL DEFAULT 0")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (sqlite3.Error, OSError) as e:
             raise ChatforgeError(f"cannot open the conversation database {self.path}: {e}; "
@@ -135,7 +141,8 @@ class Store:
         self._tx(delete)
 
     # --- messages -------------------------------------------------------------------------------------------
-    def add_message(self, cid: str, role: str, content: str, meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    def add_message(self, cid: str, role: str, content: str, meta: Optional[dict[str, Any]] = None,
+                    unfinished: bool = False) -> dict[str, Any]:
         """Append a message; the first user message also names a conversation still called DEFAULT_TITLE."""
         now = time.time()
 
@@ -143,8 +150,8 @@ class Store:
             conv = db.execute("SELECT title FROM conversations WHERE id = ?", (cid,)).fetchone()
             if conv is None:
                 raise NotFoundError(f"no conversation {cid!r}", param="id")
-            cur = db.execute("INSERT INTO messages (conversation_id, role, content, meta, created_at) "
-                             "VALUES (?,?,?,?,?)", (cid, role, content, json.dumps(meta or {}), now))
+            cur = db.execute("INSERT INTO messages (conversation_id, role, content, meta, created_at, unfinished) "
+                             "VALUES (?,?,?,?,?,?)", (cid, role, content, json.dumps(meta or {}), now, int(unfinished)))
             title = conv["title"]
             if role == "user" and title == DEFAULT_TITLE and content.strip():
                 title = _title_from(content)
@@ -152,12 +159,30 @@ class Store:
             return cur.lastrowid
 
         mid = self._tx(add)
-        return {"id": mid, "role": role, "content": content, "meta": meta or {}, "created_at": now}
+        return {"id": mid, "role": role, "content": content, "meta": meta or {}, "created_at": now,
+                "unfinished": unfinished}
+
+    def write_reply(self, cid: str, mid: int, content: str, meta: Optional[dict[str, Any]] = None,
+                    unfinished: bool = False) -> dict[str, Any]:
+        """Rewrite a reply written as it grows: its text so far (unfinished), or all of it and its meta."""
+        def write(db: sqlite3.Connection) -> float:
+            cur = db.execute("UPDATE messages SET content = ?, meta = ?, unfinished = ? WHERE id = ? AND "
+                             "conversation_id = ?",
+                             (content, json.dumps(meta or {}), int(unfinished), _message_id(mid, cid), cid))
+            if cur.rowcount == 0:  # deleted meanwhile (the conversation, or the reply by a regenerate)
+                raise NotFoundError(f"no message {mid} in conversation {cid!r}", param="message_id")
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), cid))
+            return db.execute("SELECT created_at FROM messages WHERE id = ?", (mid,)).fetchone()["created_at"]
+
+        created_at = self._tx(write)
+        return {"id": mid, "role": "assistant", "content": content, "meta": meta or {}, "created_at": created_at,
+                "unfinished": unfinished}
 
     def edit_message(self, cid: str, mid: int, content: str) -> dict[str, Any]:
         """Change a user message and forget everything after it (edit and resend)."""
         def edit(db: sqlite3.Connection) -> None:
-            row = db.execute("SELECT role FROM messages WHERE id = ? AND conversation_id = ?", (mid, cid)).fetchone()
+            row = db.execute("SELECT role FROM messages WHERE id = ? AND conversation_id = ?",
+                             (_message_id(mid, cid), cid)).fetchone()
             if row is None:
                 raise NotFoundError(f"no message {mid} in conversation {cid!r}", param="message_id")
             if row["role"] != "user":
@@ -172,13 +197,21 @@ class Store:
     def truncate(self, cid: str, mid: int) -> dict[str, Any]:
         """Delete message `mid` and every later one (regenerate drops the reply it replaces)."""
         def delete(db: sqlite3.Connection) -> None:
-            if db.execute("SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?", (mid, cid)).fetchone() is None:
+            if db.execute("SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?",
+                          (_message_id(mid, cid), cid)).fetchone() is None:
                 raise NotFoundError(f"no message {mid} in conversation {cid!r}", param="message_id")
             db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (cid, mid))
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), cid))
 
         self._tx(delete)
         return self.get_conversation(cid)
+
+
+def _message_id(mid: int, cid: str) -> int:
+    """`mid`, or NotFoundError when no message can have it (SQLite cannot even compare a wider integer)."""
+    if not 1 <= mid <= MAX_ID:
+        raise NotFoundError(f"no message {mid} in conversation {cid!r}", param="message_id")
+    return mid
 
 
 def _title_from(text: str, limit: int = 48) -> str:
@@ -193,4 +226,4 @@ def _conversation(row: sqlite3.Row) -> dict[str, Any]:
 
 def _message(row: sqlite3.Row) -> dict[str, Any]:
     return {"id": row["id"], "role": row["role"], "content": row["content"], "meta": json.loads(row["meta"]),
-            "created_at": row["created_at"]}
+            "created_at": row["created_at"], "unfinished": bool(row["unfinished"])}

@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from chatforge.config import PRESETS, ModelConfig
+from chatforge.config import PRESETS, ModelConfig, count_params
 from chatforge.errors import ChatforgeError, ConfigError
 from chatforge.sizing.machine import GB, Machine, describe_machine
+from chatforge.train.memory import activation_bytes
+from chatforge.utils import human_bytes
 
 TOKENS_PER_PARAM = 20  # Chinchilla (Hoffmann et al., 2022)
 # bytes per weight: int4 adds a bf16 scale and zero point per group of 64 weights
@@ -163,33 +165,6 @@ def _from_count(n: int, name: str) -> ModelSpec:
 
 # --- parameters -----------------------------------------------------------------------------------
 
-GATED = ("swiglu", "geglu_tanh")  # MLPs whose first matrix is gate and up together
-
-
-def count_params(cfg: ModelConfig) -> int:
-    """Parameters of Transformer(cfg), counted from the config (a tied output head counts once)."""
-    C, V = cfg.n_embd, cfg.vocab_size
-    norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
-    q, kv, f = cfg.n_head * cfg.dim_head, cfg.kv_heads * cfg.dim_head, cfg.ffn_dim
-    fc_out = 2 * f if cfg.mlp in GATED else f  # a gated MLP's gate and up projections are one matrix
-
-    def linear(n_in: int, n_out: int, bias: bool) -> int:
-        return n_in * n_out + (n_out if bias else 0)
-
-    block = ((4 if cfg.sandwich_norm else 2) * norm + linear(C, q + 2 * kv, qkv_bias) + linear(q, C, cfg.bias)
-             + linear(C, fc_out, cfg.bias) + linear(f, C, cfg.bias))
-    block += 2 * cfg.dim_head if cfg.qk_norm else 0  # one RMSNorm weight each for queries and keys
-    n = V * C + cfg.n_layer * block + (0 if cfg.post_norm else norm)  # token embeddings, blocks, final norm
-    n += (cfg.block_size + cfg.position_offset) * C if cfg.pos_encoding == "learned" else 0
-    n += linear(C, C, True) + norm + V if cfg.mlm_head else 0  # BERT's MLM transform and the head's bias
-    n += cfg.type_vocab_size * C + (norm if cfg.embd_norm else 0)
-    n += 0 if cfg.tie_embeddings else V * C
-    n += linear(C, C, True) if cfg.pooler else 0
-    n += linear(C, cfg.num_labels, True) if cfg.num_labels else 0
-    return n
-
-
 def lora_params(cfg: ModelConfig, rank: int) -> int:
     """Adapter parameters of chatforge.lora's default targets ("qkv" and every "proj": attention output
     and MLP down projection): rank x (inputs + outputs) per adapted linear."""
@@ -205,25 +180,6 @@ def load_bytes(params: int, dtype: str) -> int:
 
 def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int) -> int:
     return 2 * cfg.n_layer * cfg.kv_heads * cfg.dim_head * tokens * dtype_bytes
-
-
-def activation_bytes(cfg: ModelConfig, batch: int, seq: int, act_bytes: int) -> int:
-    """Tensors the forward pass keeps for the backward pass, assuming fused attention (no T x T scores).
-
-    Per token and layer: the two norm inputs and the linears' inputs (4C), q/k/v (twice with RoPE:
-    before and after rotation), the attention output twice (kernel output and projection input), and
-    the MLP's hidden activations (2F for GELU; 4F for SwiGLU: gate+up, silu, product). Then the final
-    norm and head inputs, and the logits with their fp32 log-softmax (about 14 bytes per logit in bf16).
-    """
-    C, q, kv, f = cfg.n_embd, cfg.n_head * cfg.dim_head, cfg.kv_heads * cfg.dim_head, cfg.ffn_dim
-    attention = (q + 2 * kv) * (2 if cfg.pos_encoding == "rope" else 1) + 2 * q
-    per_layer = 4 * C + attention + (4 * f if cfg.mlp in GATED else 2 * f)
-    tokens = batch * seq
-    if cfg.task == "classify":
-        logits = batch * cfg.num_labels * 12
-    else:
-        logits = tokens * cfg.vocab_size * (14 if act_bytes == 2 else 12)
-    return tokens * (cfg.n_layer * per_layer + 3 * C) * act_bytes + logits
 
 
 def finetune_memory(cfg: ModelConfig, params: int, batch: int, seq: int, bf16: bool, rank: int
@@ -357,10 +313,6 @@ def _human(x: float, units: tuple[tuple[str, float], ...], fmt: str = "{:.3g}{}"
         if x >= size:
             return fmt.format(x / size, unit)
     return fmt.format(x, "")
-
-
-def human_bytes(n: float) -> str:
-    return _human(n, (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)), "{:.3g} {}").strip()
 
 
 def human_count(n: float) -> str:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from chatforge.errors import DataError
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.objectives import run_objective
+from chatforge.train.objectives import run_objective, selected_lm_sums
 
 
 def evaluate(model: Union[str, Transformer], data: Union[str, Sequence[str]], *, tokenizer: Optional[Tokenizer] = None,
@@ -160,10 +160,10 @@ def _perplexity(model, tok, files, batch_size, max_length, device):
             x = x[:len(y)]
             xs.append(F.pad(x, (0, max_length - len(x)), value=tok.pad_id))
             ys.append(F.pad(y, (0, max_length - len(y)), value=-100))
-        logits = model(torch.stack(xs).to(device)).float()
-        y = torch.stack(ys).to(device)
-        loss_sum += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"))
-        count += int((y != -100).sum())
+        # the output head a chunk of positions at a time: never (batch, max_length, vocabulary) logits
+        sums = selected_lm_sums(model, model(torch.stack(xs).to(device), logits="none"), torch.stack(ys).to(device))
+        loss_sum += sums["loss_sum"]
+        count += int(sums["count"])
     loss = loss_sum / count
     return {"task": "perplexity", "loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 

@@ -32,7 +32,7 @@ import torch
 from chatforge.chat.template import CHATML_TEMPLATE, ChatFormat
 from chatforge.config import TrainConfig
 from chatforge.data.chats import prepare_chats, read_chat_jsonl, split_conversations
-from chatforge.errors import ConfigError
+from chatforge.errors import CheckpointError, ConfigError, DataError
 from chatforge.export import save_adapter
 from chatforge.formats.checkpoint import WEIGHTS, build_model, read_config, read_weights, save_checkpoint
 from chatforge.lora import LoRAConfig, apply_lora, load_lora_state, merge_lora, split_state
@@ -42,9 +42,11 @@ from chatforge.train.distributed import Dist
 from chatforge.train.frame import resume_point, run_training
 from chatforge.train.sft import ChatSFT
 from chatforge.train.trainer import Trainer
-from chatforge.utils import atomic_write_text
+from chatforge.utils import atomic_write_text, read_json
 
 SETTINGS = "finetune.json"
+# without block_size, rows are as long as the longest conversation, but no longer than this (nor the context)
+DEFAULT_BLOCK_LIMIT = 2048
 TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
 
@@ -63,14 +65,14 @@ def finetune_chat(data: list[str], base_model: str, train_config: TrainConfig, *
     chat_template: a Jinja chat template (or "chatml"); None = the tokenizer's own, else ChatML.
     resume: continue exactly from out_dir/last (data and model arguments are then ignored;
         changed train_config fields override the saved ones, as in `pretrain`).
-    block_size: length of the packed training rows; None = the model's context.
+    block_size: length of the packed training rows; None = as long as the longest conversation
+        needs, at most DEFAULT_BLOCK_LIMIT (2,048) tokens or the model's context if shorter.
     Returns the Trainer's final metrics plus "model_dir" (the checkpoint to chat with),
     "adapter_dir" (LoRA only) and "data" (conversation counts, truncations).
     """
     out = Path(train_config.out_dir)
     if resume:  # the run's own settings, not the arguments
-        resume_point(out, SETTINGS)
-        settings = json.loads((out / SETTINGS).read_text())
+        settings = _saved_settings(out)
     else:
         settings = {"base_model": base_model, "lora": None, "block_size": block_size}
         if lora_rank:
@@ -82,6 +84,21 @@ def finetune_chat(data: list[str], base_model: str, train_config: TrainConfig, *
         resume_model=lambda last: _load_training_model(last, settings["lora"]).train(),
         objective=lambda out, model, tok: ChatSFT.from_dir(out / "data"),
         finish=lambda trainer, result: _finish(trainer, result, settings, merge_lora))
+
+
+def _saved_settings(out: Path) -> dict[str, Any]:
+    """The settings a run to resume was started with (finetune.json), or a CheckpointError."""
+    resume_point(out, SETTINGS)
+    settings = read_json(out / SETTINGS, CheckpointError, obj=True)
+    settings.setdefault("lora", None)
+    try:
+        if not isinstance(settings["base_model"], str):
+            raise TypeError("base_model")
+        if settings["lora"] is not None:
+            LoRAConfig(**settings["lora"])
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{out / SETTINGS} is corrupt; the run cannot be resumed, start a new one") from None
+    return settings
 
 
 def chat_tokenizer(tok: Tokenizer, chat_template: Optional[str]) -> Tokenizer:
@@ -110,10 +127,13 @@ def _start(data: list[str], val_data: Optional[list[str]], val_fraction: float, 
     if model.config.task != "lm" or not model.config.causal:
         raise ConfigError(f"{base_model} is not a causal language model; chat fine-tuning needs a decoder")
     tok = chat_tokenizer(tok, chat_template)
-    block = min(settings["block_size"] or model.config.block_size, model.config.block_size)
+    asked = settings["block_size"]
+    if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int) or asked < 1):
+        raise ConfigError(f"block_size must be a positive number of tokens, got {asked!r}")
+    block = min(asked or DEFAULT_BLOCK_LIMIT, model.config.block_size)
     if dist.is_main:
         tok.save(out)
-        prepare_chats(train, val, ChatFormat.for_tokenizer(tok), block, out / "data")
+        prepare_chats(train, val, ChatFormat.for_tokenizer(tok), block, out / "data", fit=asked is None)
         atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2) + "\n")
     dist.barrier()
     model = model.float()  # train in fp32 weights (autocast does bf16 where the hardware has it)
@@ -135,7 +155,7 @@ def _load_training_model(directory: Path, lora: Optional[dict]) -> Transformer:
 def _finish(trainer: Trainer, result: dict[str, Any], settings: dict[str, Any], merge: bool) -> dict[str, Any]:
     """The result, with the data's counts, the checkpoint to chat with and, for LoRA, adapter/ and merged/."""
     out = trainer.out_dir
-    result["data"] = json.loads((out / "data" / "meta.json").read_text())
+    result["data"] = read_json(out / "data" / "meta.json", DataError)
     result["model_dir"] = str(out / "best")
     if settings["lora"] and trainer.dist.is_main:
         result.update(_finish_lora(trainer, out, LoRAConfig(**settings["lora"]), settings["base_model"], merge))

@@ -18,22 +18,26 @@ the tokenizer and data, the others wait) and `new_model`.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from chatforge.config import ModelConfig, TrainConfig
+from chatforge.config import ModelConfig, TrainConfig, count_params
 from chatforge.errors import CheckpointError, ConfigError
 from chatforge.formats.checkpoint import (is_checkpoint, load_trainer_state, read_checkpoint, read_model,
                                           read_tokenizer)
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer, train_tokenizer
 from chatforge.train.distributed import Dist, setup_distributed
+from chatforge.train.memory import check_step_memory
 from chatforge.train.objectives import Objective
 from chatforge.train.trainer import Trainer
+from chatforge.utils import available_memory, human_bytes
 
 VOCAB_MULTIPLE = 64  # pad the embedding table to a multiple of 64 rows: faster matmuls
+TRAINED_BYTES_PER_PARAM = 16  # fp32 weights, gradients and AdamW's two moments
 
 Start = Callable[[Path, Dist], tuple[Transformer, Tokenizer]]
 MakeObjective = Callable[[Path, Transformer, Tokenizer], Objective]
@@ -57,6 +61,7 @@ def run_training(train_config: TrainConfig, *, title: str, start: Start, objecti
     if resume and init_from:
         raise ConfigError("--resume continues OUT_DIR/last and --init-from starts a new run from other "
                           "weights: use one of them")
+    check_out_dir(Path(train_config.out_dir))
     dist = setup_distributed(train_config.device)
     try:
         out = Path(train_config.out_dir)
@@ -72,8 +77,9 @@ def run_training(train_config: TrainConfig, *, title: str, start: Start, objecti
                 again = "pass --resume to continue it, or " if resume_model is not None else ""
                 raise ConfigError(f"{out} already holds a training run; {again}choose another --out-dir")
             model, tok = start(out, dist)
-        trainer = Trainer(model, objective(out, model, tok), train_config, tokenizer=tok, dist=dist, state=state,
-                          title=title)
+        task = objective(out, model, tok)
+        check_step_memory(model, task, train_config, dist.device)  # before the optimizer allocates anything
+        trainer = Trainer(model, task, train_config, tokenizer=tok, dist=dist, state=state, title=title)
         result = trainer.fit()
         if finish is not None:
             result = finish(trainer, result)
@@ -81,6 +87,20 @@ def run_training(train_config: TrainConfig, *, title: str, start: Start, objecti
         return result
     finally:
         dist.close()
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an out_dir that cannot hold a run (a file, or a place this process may not create or
+    write, such as /proc/x), before any work is done; it is created when missing."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {out} is a file, not a folder; choose another --out-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out-dir {out} ({e.strerror or type(e).__name__}); choose a folder "
+                          "you can write to") from None
 
 
 def resume_point(out: Path, *also: str) -> Path:
@@ -136,9 +156,15 @@ def new_model(config: ModelConfig, tok: Tokenizer, seed: int) -> Transformer:
     with the same weights on every process."""
     config.vocab_size = -(-tok.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     config.validate()
+    params = count_params(config)
+    need, room = TRAINED_BYTES_PER_PARAM * params, available_memory()
+    if need > room:  # refused before a byte is allocated
+        raise ConfigError(f"a model of {params:,} parameters needs about {human_bytes(need)} to train (fp32 weights, "
+                          f"gradients and AdamW's two moments) but only {human_bytes(room)} is available; choose "
+                          "a smaller --preset or lower --n-layer / --n-embd")
     torch.manual_seed(seed)
     return Transformer(config)
 
 
-__all__ = ["run_training", "resume_point", "resumed_config", "starting_point", "save_and_prepare", "new_model",
+__all__ = ["run_training", "check_out_dir", "resume_point", "resumed_config", "starting_point", "save_and_prepare", "new_model",
            "VOCAB_MULTIPLE"]

@@ -42,7 +42,7 @@ from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.distributed import Dist
 from chatforge.train.frame import new_model, run_training, save_and_prepare, starting_point
-from chatforge.train.objectives import Objective
+from chatforge.train.objectives import Objective, unwrap
 
 OBJECTIVES = ("mlm+nsp", "mlm")
 NSP_LABELS = ["is_next", "not_next"]  # next-sentence label ids, in Hugging Face BERT's order
@@ -111,12 +111,6 @@ def require_special(tokenizer: Tokenizer, role: str) -> int:
         raise ConfigError(f"the tokenizer has no {role.upper()} token; an encoder needs [CLS], [SEP] and [MASK] "
                           "(train a new tokenizer with --tokenizer bpe or char)")
     return token_id
-
-
-def unwrap(model: torch.nn.Module) -> Transformer:
-    """The Transformer inside DDP and torch.compile wrappers (for its heads)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 # --- the objective -------------------------------------------------------------------------------

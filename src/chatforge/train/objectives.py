@@ -57,6 +57,9 @@ class Objective:
         """The items of validation batch `index`; random ones from `generator` unless overridden."""
         return self.sample("val", n, generator)
 
+    # step_shape(batch_size) -> (tokens of a micro-batch, positions the loss selects or None for every
+    # token's logits): objectives that know it let train.memory check a step fits before the first one
+
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens in a batch, for the tokens/s figure."""
         return int(batch["input_ids"].numel())
@@ -121,6 +124,62 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Transformer inside DDP and torch.compile wrappers (for its heads)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# logits of at most this many vocabulary entries exist at once in a loss over selected positions
+LOSS_CHUNK_LOGITS = 1 << 22  # 16 MB in fp32 (85 positions of a 49k vocabulary)
+
+
+def loss_rows(vocab_size: int) -> int:
+    """Positions per chunk of `selected_lm_loss`: LOSS_CHUNK_LOGITS logits, at least 64 positions."""
+    return max(64, LOSS_CHUNK_LOGITS // max(1, vocab_size))
+
+
+def _loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head.lm_logits(hidden).float(), labels, reduction="sum")
+
+
+def selected_lm_loss(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy from final hidden states (B, T, C), computed only where the label is
+    not IGNORE_INDEX, a chunk of positions at a time.
+
+    The full (B, T, V) logits never exist: the output head runs on the positions the loss counts,
+    and each chunk's logits are recomputed in the backward pass (activation checkpointing) rather
+    than kept, so a chat row of 2,048 tokens and a 49k vocabulary needs 16 MB of logits, not 400 MB.
+    """
+    keep = labels != IGNORE_INDEX
+    h, y = hidden[keep], labels[keep]
+    if not len(y):  # no token to learn from: a zero that still reaches every parameter
+        return hidden.sum() * 0.0
+    head, rows = unwrap(model), loss_rows(unwrap(model).config.vocab_size)
+    if len(y) <= rows:
+        return _loss_sum(head, h, y) / len(y)
+    from torch.utils.checkpoint import checkpoint
+
+    total = sum(checkpoint(_loss_sum, head, h[i:i + rows], y[i:i + rows], use_reentrant=False)
+                for i in range(0, len(y), rows))
+    return total / len(y)
+
+
+@torch.no_grad()
+def selected_lm_sums(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Summed cross-entropy, count and correct next-token guesses over the positions whose label is not
+    IGNORE_INDEX, from final hidden states, a chunk of positions at a time (for validation)."""
+    keep = labels != IGNORE_INDEX
+    h, y = hidden[keep], labels[keep]
+    head, rows = unwrap(model), loss_rows(unwrap(model).config.vocab_size)
+    total, correct = 0.0, 0
+    for i in range(0, len(y), rows):
+        logits = head.lm_logits(h[i:i + rows]).float()
+        total += float(F.cross_entropy(logits, y[i:i + rows], reduction="sum"))
+        correct += int((logits.argmax(-1) == y[i:i + rows]).sum())
+    return {"loss_sum": total, "count": float(len(y)), "correct": float(correct)}
+
+
 class CausalLM(Objective):
     """Next-token prediction on random blocks of the token shards (nanoGPT's get_batch)."""
 
@@ -139,3 +198,7 @@ class CausalLM(Objective):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return lm_loss(model(batch["input_ids"]), batch["labels"])
+
+    def step_shape(self, batch_size: int) -> tuple[int, Optional[int]]:
+        """(tokens of a micro-batch, None: the loss takes every token's logits), for train.memory."""
+        return batch_size * self.block_size, None

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from chatforge.data.chats import PackedChats
-from chatforge.train.objectives import IGNORE_INDEX, FullValidation, lm_loss
+from chatforge.train.objectives import FullValidation, selected_lm_loss, selected_lm_sums
 
 
 class ChatSFT(FullValidation):
@@ -41,18 +40,20 @@ class ChatSFT(FullValidation):
         return self.splits[split].batch(items.tolist())
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss(model(batch["input_ids"]), batch["labels"])
+        # the output head runs only on the assistant's tokens, a chunk at a time: never (B, T, vocabulary) logits
+        return selected_lm_loss(model, model(batch["input_ids"], logits="none"), batch["labels"])
 
     def val_size(self) -> int:
         return len(self.splits["val"])
 
     def evaluate(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        logits = model(batch["input_ids"]).float()
-        labels = batch["labels"]
-        total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        learned = labels != IGNORE_INDEX
-        correct = (logits.argmax(-1) == labels) & learned
-        return {"loss_sum": float(total), "count": float(learned.sum()), "correct": float(correct.sum())}
+        return selected_lm_sums(model, model(batch["input_ids"], logits="none"), batch["labels"])
+
+    def step_shape(self, batch_size: int) -> tuple[int, int]:
+        """(tokens of a micro-batch, of which the loss counts): the rows' length, and the most assistant
+        tokens any batch_size rows hold."""
+        per_row = np.sort(self.splits["train"].mask[:, 1:].sum(1))[::-1]
+        return batch_size * self.splits["train"].block_size, int(per_row[:batch_size].sum())
 
     def summarize(self, sums: dict[str, float], batches: int) -> dict[str, float]:
         count = max(1.0, sums.get("count", 0.0))

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from chatforge.formats.checkpoint import WEIGHTS, read_weights, save_checkpoint
 from chatforge.config import TrainConfig
-from chatforge.errors import ChatforgeError, ConfigError
+from chatforge.errors import ChatforgeError, CheckpointError, ConfigError
 from chatforge.tokenizer import Tokenizer
-from chatforge.utils import atomic_write_text, pick_precision
+from chatforge.utils import atomic_write_text, pick_precision, return_large_frees
 from chatforge.train.distributed import Dist, setup_distributed
 from chatforge.train.metrics import MetricsLog, plot_losses
 from chatforge.train.objectives import Objective, validation_sums
@@ -99,6 +99,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
 
+        return_large_frees()  # resident memory follows the live tensors (what train.memory estimates)
         self.model = model.to(self.device).train()  # the plain module: what is saved and evaluated
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.data_gen = torch.Generator().manual_seed(config.seed)
@@ -109,7 +110,12 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.loss_window = [0.0, 0]  # sum and count of step losses since the last log line
         if state is not None:
-            self.load_state(state)
+            try:
+                self.load_state(state)
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+                raise CheckpointError(f"the trainer state in {self.out_dir / 'last'} is corrupt ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:120] if str(e) else ''}); it cannot be resumed, start "
+                                      "a new run (or --init-from its weights)") from None
         else:
             seed_everything(config.seed + self.dist.rank)  # dropout differs across processes
 

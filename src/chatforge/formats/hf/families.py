@@ -497,11 +497,33 @@ def _with_heads(config: ModelConfig, hf: dict[str, Any], mlm: bool, pooler: bool
     return dataclasses.replace(config, mlm_head=mlm, pooler=pooler, task=task, **labels)
 
 
+# ...ForSequenceClassification heads chatforge computes as pooler (dense + tanh over [CLS]) + classifier:
+# BERT's pooler + `classifier`, RoBERTa's `classifier.dense` (+ tanh) + `classifier.out_proj`.
+SEQUENCE_HEADS = {"bert": ("bert.pooler.dense", "classifier"), "roberta": ("classifier.dense", "classifier.out_proj")}
+
+
+def _sequence_classifier(config: ModelConfig, hf: dict[str, Any]) -> ModelConfig:
+    """A ...ForSequenceClassification checkpoint: single-label classes named by config.json's id2label."""
+    arch = " ".join(hf.get("architectures") or [])
+    if hf["model_type"] not in SEQUENCE_HEADS or "ForSequenceClassification" not in arch:
+        raise unsupported(hf, "a task head other than BERT's or RoBERTa's sequence classifier (token "
+                              "classification, question answering, DistilBERT's pre_classifier); chatforge reads the "
+                              "base model, masked-LM, pre-training and sequence-classification checkpoints")
+    id2label = hf.get("id2label") or {}
+    n = int(hf.get("num_labels") or len(id2label) or 2)
+    problem = hf.get("problem_type") or "single_label_classification"
+    if n < 2 or problem != "single_label_classification":
+        raise unsupported(hf, f"a {'regression' if n < 2 else problem} head (chatforge's classifier picks one "
+                              "label of several)")
+    labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
+    return dataclasses.replace(config, mlm_head=False, pooler=True, pooling="cls", task="classify", num_labels=n,
+                               labels=labels)
+
+
 def encoder_heads(config: ModelConfig, hf: dict[str, Any], names: set[str]) -> ModelConfig:
     """`config` with the heads whose weights are in `names` (full names, after the family's prefix)."""
     if any(head in name for name in names for head in ("classifier.", "qa_outputs.")):
-        raise unsupported(hf, "a task head (sequence/token classification or question answering); chatforge "
-                              "reads the base model, masked-LM and pre-training checkpoints")
+        return _sequence_classifier(config, hf)
     table = ENCODER_NAMES[hf["model_type"]]
     mlm, pooler = table.mlm_dense + ".weight" in names, f"{table.pooler}.weight" in names
     return _with_heads(config, hf, mlm, pooler, "cls.seq_relationship.weight" in names)
@@ -566,7 +588,7 @@ def encoder_plan(config: ModelConfig, hf: dict[str, Any]) -> WeightMap:
         for mine, theirs in (("attn.proj", names.attn_out), ("norm1", names.norm1), ("mlp.fc", names.fc),
                              ("mlp.proj", names.mlp_out), ("norm2", names.norm2)):
             _linear(plan, ours + mine, layer + theirs)
-    if config.pooler:
+    if config.pooler and config.task != "classify":
         _linear(plan, "pooler", names.pooler)
     if config.mlm_head:
         _linear(plan, "lm_transform.dense", names.mlm_dense)
@@ -574,7 +596,11 @@ def encoder_plan(config: ModelConfig, hf: dict[str, Any]) -> WeightMap:
         plan["lm_head.bias"] = one(names.mlm_bias)
         if not config.tie_embeddings:
             plan["lm_head.weight"] = one(names.mlm_decoder + ".weight")
-    if config.num_labels:  # BertForPreTraining's next-sentence head
+    if config.task == "classify":  # ...ForSequenceClassification
+        pooler, classifier = SEQUENCE_HEADS[hf["model_type"]]
+        _linear(plan, "pooler", pooler)
+        _linear(plan, "classifier", classifier)
+    elif config.num_labels:  # BertForPreTraining's next-sentence head
         _linear(plan, "classifier", "cls.seq_relationship")
     return plan
 
@@ -631,13 +657,15 @@ FAMILIES: dict[str, Family] = {
     # exported as Llama or Mistral, which compute the same: no from_config
     "phi3": Family("phi3", "Phi3ForCausalLM", "model.", phi3_to_config, llama_plan, None),
     "bert": Family("bert", "BertForMaskedLM", "bert.", bert_to_config, encoder_plan, bert_from_config,
-                   ignored=_ENCODER_IGNORED, top_level=("cls.",), heads=encoder_heads,
+                   ignored=_ENCODER_IGNORED, top_level=("cls.", "classifier."), heads=encoder_heads,
                    architecture_of=_encoder_class("Bert")),
     "roberta": Family("roberta", "RobertaForMaskedLM", "roberta.", bert_to_config, encoder_plan, bert_from_config,
-                      ignored=_ENCODER_IGNORED, heads=encoder_heads, architecture_of=_encoder_class("Roberta")),
+                      ignored=_ENCODER_IGNORED, top_level=("lm_head.", "classifier."), heads=encoder_heads,
+                      architecture_of=_encoder_class("Roberta")),
     "distilbert": Family("distilbert", "DistilBertForMaskedLM", "distilbert.", distilbert_to_config, encoder_plan,
                          distilbert_from_config, ignored=_ENCODER_IGNORED,
-                         top_level=("vocab_transform.", "vocab_layer_norm.", "vocab_projector."), heads=encoder_heads,
+                         top_level=("vocab_transform.", "vocab_layer_norm.", "vocab_projector.", "pre_classifier.",
+                                    "classifier."), heads=encoder_heads,
                          architecture_of=_encoder_class("DistilBert")),
 }
 # model types chatforge knows and refuses, with what to pick instead

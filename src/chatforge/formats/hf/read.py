@@ -18,16 +18,19 @@ import torch
 
 from chatforge.config import ModelConfig
 from chatforge.errors import ChatforgeError, CheckpointError, ConfigError
-from chatforge.formats.checkpoint import build_model, check_tokenizer, meta_model, model_state, read_config_json
+from chatforge.formats.checkpoint import (build_model, check_fits, check_tokenizer, meta_model, model_state,
+                                          read_config_json)
 from chatforge.formats.hf.families import FAMILIES, REFUSED, SUPPORTED, Family, Source, WeightMap
 from chatforge.formats.safetensors import Weights
 from chatforge.model import Transformer
 from chatforge.tokenizer import Tokenizer
-from chatforge.utils import DTYPES
+from chatforge.utils import DTYPES, read_json
 
 
 def family_of(hf: dict[str, Any], directory: Path) -> Family:
     kind = hf.get("model_type")
+    if not isinstance(kind, (str, type(None))):
+        raise CheckpointError(f"{directory / 'config.json'} is corrupt: model_type is {kind!r}, not a name")
     if kind in REFUSED:
         raise ChatforgeError(f"{directory} {REFUSED[kind]}")
     if kind not in FAMILIES:
@@ -50,11 +53,16 @@ def read_hf(path: str | Path, device: str | torch.device = "cpu",
         config = family.to_config(hf)
     except ConfigError as e:
         raise CheckpointError(f"{directory / 'config.json'} describes an impossible model: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as e:  # a field of the wrong kind
+        raise CheckpointError(f"{directory / 'config.json'} is corrupt: a field has a value of the wrong kind "
+                              f"({type(e).__name__}: {str(e)[:160]})") from None
     weights = Weights(directory, family.prefix, family.top_level)
     if family.heads is not None:  # encoders: the heads the weights carry decide the config's
         config = family.heads(config, hf, weights.names())
     config = sentence_options(directory, config)
-    state = gather(family.plan(config, hf), config, weights, dtype or _stored_dtype(hf, weights), family)
+    dtype = dtype or _stored_dtype(hf, weights)
+    check_fits(config, dtype.itemsize, str(directory), device)
+    state = gather(family.plan(config, hf), config, weights, dtype, family)
     del weights  # a .bin memory map now lives on only through the tensors adopted as they were
     model = build_model(config, state, device=device, source=str(directory))
     tokenizer = read_hf_tokenizer(directory)
@@ -64,7 +72,8 @@ def read_hf(path: str | Path, device: str | torch.device = "cpu",
 
 def _stored_dtype(hf: dict[str, Any], weights: Weights) -> torch.dtype:
     """The dtype the checkpoint was saved in: config.json's (torch_)dtype, else its first float tensor's."""
-    named = DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"))
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    named = DTYPES.get(name) if isinstance(name, str) else None
     if named is not None:
         return named
     floats = [weights.dtype(n) for n in sorted(weights.names()) if weights.dtype(n).is_floating_point]
@@ -141,11 +150,8 @@ def _tokenizer_conf(directory: Path) -> dict[str, Any]:
     """special_tokens_map.json updated by tokenizer_config.json (the latter wins), {} where neither is."""
     conf: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        try:
-            data = json.loads((directory / name).read_text()) if (directory / name).is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{directory / name} is not valid JSON ({e})") from None
-        conf.update(data if isinstance(data, dict) else {})
+        if (directory / name).is_file():
+            conf.update(read_json(directory / name, CheckpointError, obj=True))
     return conf
 
 
@@ -212,7 +218,7 @@ def sentence_options(directory: Path, config: ModelConfig) -> ModelConfig:
     modules_path = directory / "modules.json"
     if not modules_path.is_file():
         return config
-    modules = _json(modules_path)
+    modules = read_json(modules_path, CheckpointError)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise CheckpointError(f"{modules_path} is not a list of modules")
     kinds = [str(m.get("type", "")).removeprefix(_ST) for m in modules]
@@ -247,11 +253,8 @@ def sentence_options(directory: Path, config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, **options)
 
 
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
+def _json(path: Path) -> dict[str, Any]:
+    return read_json(path, CheckpointError, obj=True)
 
 
 __all__ = ["read_hf", "read_hf_tokenizer", "family_of", "sentence_options"]

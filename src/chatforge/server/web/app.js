@@ -4,6 +4,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
+keyFromAddress();
 const state = {
   key: localStorage.getItem("chatforge.apiKey") || "",
   info: null,          // GET /api/info: model, context, default settings
@@ -19,6 +20,15 @@ function headers(json) {
   if (json) h["Content-Type"] = "application/json";
   if (state.key) h["Authorization"] = `Bearer ${state.key}`;
   return h;
+}
+
+// A server that made up its API key prints the page's address as http://host:port/#key=KEY: the
+// part after # never leaves the browser; keep the key and take it out of the address bar.
+function keyFromAddress() {
+  const match = location.hash.match(/^#key=(.+)$/);
+  if (!match) return;
+  localStorage.setItem("chatforge.apiKey", decodeURIComponent(match[1]));
+  history.replaceState(null, "", location.pathname + location.search);
 }
 
 async function request(method, path, body, signal) {
@@ -213,6 +223,7 @@ function setBody(body, m) {
 function metaText(m) {
   const meta = m.meta || {};
   const parts = [];
+  if (m.unfinished) parts.push("unfinished: the server stopped before this reply was complete");
   if (meta.finish_reason === "stopped") parts.push("stopped");
   if (meta.finish_reason === "length") parts.push("cut at max tokens");
   if (meta.completion_tokens) parts.push(`${meta.completion_tokens} tokens`);
@@ -340,12 +351,14 @@ async function streamReply() {
   }
 }
 
-// After a stop the server saves what was said; wait (briefly) for it to be there.
+// After a stop the server saves what was said (the reply is kept as it grows, marked unfinished
+// until the server has finished it); wait (briefly) for it to be there, finished.
 async function reloadAfterStop(conv) {
   const before = conv.messages.length;
   for (let i = 0; i < 30; i++) {
     const fresh = await api("GET", `/api/conversations/${conv.id}`);
-    if (fresh.messages.length > before || i === 29) {
+    const last = fresh.messages[fresh.messages.length - 1];
+    if ((fresh.messages.length > before && !last.unfinished) || i === 29) {
       if (state.current && state.current.id === conv.id) state.current = fresh;
       return;
     }

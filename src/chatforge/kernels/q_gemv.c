@@ -1,0 +1,589 @@
+/* chatforge's CPU kernels for batch-1 decoding (loaded with ctypes by chatforge/kernels/__init__.py).
+
+   Decoding one token reads every weight once, so its speed is the speed at which weights stream from
+   memory. These kernels read ggml's block formats as they lie in a GGUF file (Q4_0, Q4_1, Q8_0: 32
+   weights per block with an fp16 scale), plain fp32 and bf16, multiply them with a few rows of fp32
+   activations (y = x W^T, 1..n rows) and split the output rows between OpenMP threads (the same
+   OpenMP runtime torch uses, so no second pool of threads competes with torch's).
+
+   The weights are widened to fp32 and multiplied with fp32 activations: the result is the dequantized
+   weight times x, up to fp32 rounding (no activation quantization). Per block, with q the stored
+   integers and sx the sum of the 32 activations it meets:
+       Q4_0: w = d (q - 8)  ->  d * sum(q x) - 8 d sx
+       Q4_1: w = d q + m    ->  d * sum(q x) + m sx
+       Q8_0: w = d q        ->  d * sum(q x)
+   The small ops around the multiplies of one decoding step (RMSNorm, rotary, attention of a few
+   queries over the cache, SwiGLU) are here too: one call each instead of several torch ops.
+
+   Compiled once per instruction set: -mavx512f... (CF_ISA "avx512"), -mavx2 -mfma -mf16c ("avx2")
+   or nothing ("generic", plain C). The same source, the #if's pick the inner loops. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CF_AVX2 1
+#include <immintrin.h>
+#endif
+#if defined(CF_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define CF_AVX512 1
+#endif
+
+#define EXPORT __attribute__((visibility("default")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* ggml's type ids */
+enum { T_F32 = 0, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8, T_BF16 = 30 };
+#define QK 32 /* weights per block */
+
+EXPORT int cf_isa(void) {
+#if defined(CF_AVX512)
+    return 2;
+#elif defined(CF_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---- scalars --------------------------------------------------------------------------------- */
+
+INLINE float f16_to_f32(uint16_t h) {
+#if defined(CF_AVX2)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+INLINE uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+INLINE float bf16_to_f32(uint16_t b) { uint32_t bits = (uint32_t)b << 16; float f; memcpy(&f, &bits, 4); return f; }
+
+/* exp(x) for the softmax and SiLU: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], a degree-6 polynomial
+   (relative error ~2e-7); plain float code that the compiler vectorises in `omp simd` loops. */
+INLINE float cf_exp(float x) {
+    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    float n = rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    float p = 1.0f / 720 ;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
+}
+
+static int64_t block_bytes(int type) {
+    switch (type) {
+    case T_Q4_0: return 18;
+    case T_Q4_1: return 20;
+    case T_Q8_0: return 34;
+    default: return 0;
+    }
+}
+
+/* ---- one weight row times up to 4 activation rows ------------------------------------------------ */
+/* row: the weight row's bytes; x: n activation rows of `cols` (stride ldx); sx: per activation row the
+   sums of its blocks (Q4_0 and Q4_1 only); out[i] = row . x_i. N is a constant at each call site, so
+   the compiler unrolls the loops over it. */
+
+#if defined(CF_AVX2)
+INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+INLINE void row_q4(const int type, const uint8_t *row, const float *x, int64_t ldx, const float *sx,
+                   int64_t nb, const int N, float *out) {
+    const int64_t bb = type == T_Q4_0 ? 18 : 20, qoff = type == T_Q4_0 ? 2 : 4;
+    float off[4] = {0, 0, 0, 0};
+#if defined(CF_AVX512)
+    __m512 acc[4];
+    for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
+    const __m512i m15 = _mm512_set1_epi32(15);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        const float d = f16_to_f32(load_u16(blk));
+        const float m = type == T_Q4_0 ? -8.0f * d : f16_to_f32(load_u16(blk + 2));
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + qoff)));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m15));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        const __m512 dv = _mm512_set1_ps(d);
+        for (int i = 0; i < N; i++) {
+            const float *xb = x + i * ldx + b * QK;
+            __m512 s = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+            s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), s);
+            acc[i] = _mm512_fmadd_ps(dv, s, acc[i]);
+            off[i] += m * sx[i * nb + b];
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + off[i];
+#elif defined(CF_AVX2)
+    __m256 acc[4];
+    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    const __m256i m15 = _mm256_set1_epi32(15);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        const float d = f16_to_f32(load_u16(blk));
+        const float m = type == T_Q4_0 ? -8.0f * d : f16_to_f32(load_u16(blk + 2));
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + qoff));
+        const __m256i v0 = _mm256_cvtepu8_epi32(raw), v1 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(raw, raw));
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, m15));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, m15));
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+        const __m256 dv = _mm256_set1_ps(d);
+        for (int i = 0; i < N; i++) {
+            const float *xb = x + i * ldx + b * QK;
+            __m256 s0 = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+            __m256 s1 = _mm256_mul_ps(w1, _mm256_loadu_ps(xb + 8));
+            s0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), s0);
+            s1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), s1);
+            acc[i] = _mm256_fmadd_ps(dv, _mm256_add_ps(s0, s1), acc[i]);
+            off[i] += m * sx[i * nb + b];
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]) + off[i];
+#else
+    float acc[4] = {0, 0, 0, 0};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        const float d = f16_to_f32(load_u16(blk));
+        const float m = type == T_Q4_0 ? -8.0f * d : f16_to_f32(load_u16(blk + 2));
+        const uint8_t *q = blk + qoff;
+        for (int i = 0; i < N; i++) {
+            const float *xb = x + i * ldx + b * QK;
+            float s = 0;
+            for (int j = 0; j < 16; j++) s += (float)(q[j] & 15) * xb[j] + (float)(q[j] >> 4) * xb[j + 16];
+            acc[i] += d * s;
+            off[i] += m * sx[i * nb + b];
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = acc[i] + off[i];
+#endif
+}
+
+INLINE void row_q8_0(const uint8_t *row, const float *x, int64_t ldx, int64_t nb, const int N, float *out) {
+#if defined(CF_AVX512)
+    __m512 acc[4];
+    for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 34;
+        const __m512 dv = _mm512_set1_ps(f16_to_f32(load_u16(blk)));
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+        for (int i = 0; i < N; i++) {
+            const float *xb = x + i * ldx + b * QK;
+            __m512 s = _mm512_mul_ps(w0, _mm512_loadu_ps(xb));
+            s = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), s);
+            acc[i] = _mm512_fmadd_ps(dv, s, acc[i]);
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
+#elif defined(CF_AVX2)
+    __m256 acc[4];
+    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 34;
+        const __m256 dv = _mm256_set1_ps(f16_to_f32(load_u16(blk)));
+        __m256 w[4];
+        for (int k = 0; k < 4; k++)
+            w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * k))));
+        for (int i = 0; i < N; i++) {
+            const float *xb = x + i * ldx + b * QK;
+            __m256 s0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+            __m256 s1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xb + 8));
+            s0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), s0);
+            s1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), s1);
+            acc[i] = _mm256_fmadd_ps(dv, _mm256_add_ps(s0, s1), acc[i]);
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]);
+#else
+    float acc[4] = {0, 0, 0, 0};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * 34;
+        const float d = f16_to_f32(load_u16(blk));
+        const int8_t *q = (const int8_t *)(blk + 2);
+        for (int i = 0; i < N; i++) {
+            const float *xb = x + i * ldx + b * QK;
+            float s = 0;
+            for (int j = 0; j < QK; j++) s += (float)q[j] * xb[j];
+            acc[i] += d * s;
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = acc[i];
+#endif
+}
+
+/* fp32 (type T_F32) or bf16 (T_BF16) weights: any number of columns */
+INLINE void row_float(const int type, const uint8_t *row, const float *x, int64_t ldx, int64_t cols, const int N,
+                      float *out) {
+    const float *wf = (const float *)row;
+    const uint16_t *wb = (const uint16_t *)row;
+    int64_t k = 0;
+    float tail[4] = {0, 0, 0, 0};
+#if defined(CF_AVX512)
+    __m512 a0[4], a1[4];
+    for (int i = 0; i < N; i++) a0[i] = a1[i] = _mm512_setzero_ps();
+    for (; k + 32 <= cols; k += 32) {
+        __m512 w0, w1;
+        if (type == T_F32) {
+            w0 = _mm512_loadu_ps(wf + k);
+            w1 = _mm512_loadu_ps(wf + k + 16);
+        } else {
+            w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wb + k))), 16));
+            w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wb + k + 16))), 16));
+        }
+        for (int i = 0; i < N; i++) {
+            a0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * ldx + k), a0[i]);
+            a1[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i * ldx + k + 16), a1[i]);
+        }
+    }
+    for (int i = 0; i < N; i++) tail[i] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));
+#elif defined(CF_AVX2)
+    __m256 a0[4], a1[4];
+    for (int i = 0; i < N; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+    for (; k + 16 <= cols; k += 16) {
+        __m256 w0, w1;
+        if (type == T_F32) {
+            w0 = _mm256_loadu_ps(wf + k);
+            w1 = _mm256_loadu_ps(wf + k + 8);
+        } else {
+            w0 = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wb + k))), 16));
+            w1 = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(wb + k + 8))), 16));
+        }
+        for (int i = 0; i < N; i++) {
+            a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i * ldx + k), a0[i]);
+            a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i * ldx + k + 8), a1[i]);
+        }
+    }
+    for (int i = 0; i < N; i++) tail[i] = hsum256(_mm256_add_ps(a0[i], a1[i]));
+#endif
+    for (; k < cols; k++) {
+        const float w = type == T_F32 ? wf[k] : bf16_to_f32(wb[k]);
+        for (int i = 0; i < N; i++) tail[i] += w * x[i * ldx + k];
+    }
+    for (int i = 0; i < N; i++) out[i] = tail[i];
+}
+
+INLINE void row_dot(const int type, const uint8_t *row, const float *x, int64_t ldx, const float *sx, int64_t cols,
+                    const int N, float *out) {
+    const int64_t nb = cols / QK;
+    switch (type) {
+    case T_Q4_0: row_q4(T_Q4_0, row, x, ldx, sx, nb, N, out); break;
+    case T_Q4_1: row_q4(T_Q4_1, row, x, ldx, sx, nb, N, out); break;
+    case T_Q8_0: row_q8_0(row, x, ldx, nb, N, out); break;
+    case T_F32: row_float(T_F32, row, x, ldx, cols, N, out); break;
+    default: row_float(T_BF16, row, x, ldx, cols, N, out); break;
+    }
+}
+
+static void rows_range(int type, const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, int64_t cols,
+                       const float *x, const float *sx, int64_t n, float *y, int64_t ldy, const float *bias) {
+    const int64_t nb = cols / QK;
+    float out[4];
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w + r * row_bytes;
+        const float add = bias ? bias[r] : 0.0f;
+        for (int64_t i0 = 0; i0 < n; i0 += 4) {
+            const int64_t m = n - i0 < 4 ? n - i0 : 4;
+            const float *xi = x + i0 * cols, *si = sx ? sx + i0 * nb : 0;
+            switch (m) { /* constant N per call: the loops over rows unroll */
+            case 1: row_dot(type, row, xi, cols, si, cols, 1, out); break;
+            case 2: row_dot(type, row, xi, cols, si, cols, 2, out); break;
+            case 3: row_dot(type, row, xi, cols, si, cols, 3, out); break;
+            default: row_dot(type, row, xi, cols, si, cols, 4, out); break;
+            }
+            for (int64_t i = 0; i < m; i++) y[(i0 + i) * ldy + r] = out[i] + add;
+        }
+    }
+}
+
+static int threads_for(int64_t work, int nthreads) {
+    /* below ~64k weights a fork/join costs more than it saves */
+    if (nthreads < 1) nthreads = 1;
+    int64_t most = work / 65536;
+    return most < 1 ? 1 : (most < nthreads ? (int)most : nthreads);
+}
+
+/* y[i, r] = sum_k W[r, k] x[i, k] (+ bias[r]) for r < rows, i < n. W: `rows` rows of `row_bytes` bytes of
+   `type`; x: n x cols fp32, contiguous; y: row i at y + i * ldy. Returns 0, or -1 for a shape the type
+   cannot have. */
+EXPORT int cf_gemv(int type, const void *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x, int64_t n,
+                   float *y, int64_t ldy, const float *bias, int nthreads) {
+    const int quant = type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0;
+    if (quant ? (cols % QK || row_bytes < cols / QK * block_bytes(type)) :
+                (type != T_F32 && type != T_BF16) || row_bytes < cols * (type == T_F32 ? 4 : 2))
+        return -1;
+    float *sx = 0;
+    if (type == T_Q4_0 || type == T_Q4_1) { /* per activation row, the sum of each block */
+        const int64_t nb = cols / QK;
+        sx = (float *)malloc(sizeof(float) * (size_t)(n * nb));
+        if (!sx) return -2;
+        for (int64_t i = 0; i < n * nb; i++) {
+            float s = 0;
+            for (int j = 0; j < QK; j++) s += x[i * QK + j];
+            sx[i] = s;
+        }
+    }
+    const int nt = threads_for(rows * cols * (n < 4 ? n : 4), nthreads);
+    if (nt == 1) {
+        rows_range(type, (const uint8_t *)w, row_bytes, 0, rows, cols, x, sx, n, y, ldy, bias);
+    } else {
+#pragma omp parallel num_threads(nt)
+        {
+#ifdef _OPENMP
+            const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+            const int t = 0, T = 1;
+#endif
+            /* contiguous slices of whole 16-row groups: each thread streams its own part of W */
+            const int64_t groups = (rows + 15) / 16;
+            const int64_t g0 = groups * t / T, g1 = groups * (t + 1) / T;
+            const int64_t r0 = g0 * 16, r1 = g1 * 16 < rows ? g1 * 16 : rows;
+            if (r0 < r1) rows_range(type, (const uint8_t *)w, row_bytes, r0, r1, cols, x, sx, n, y, ldy, bias);
+        }
+    }
+    free(sx);
+    return 0;
+}
+
+/* out[i, :] = the fp32 weights of row idx[i] (or row i without idx) of W, i < rows */
+EXPORT int cf_dequantize(int type, const void *w, int64_t row_bytes, int64_t rows, int64_t cols, const int64_t *idx,
+                         float *out, int nthreads) {
+    const int64_t bb = block_bytes(type), nb = cols / QK;
+    if (type != T_F32 && type != T_BF16 && (!bb || cols % QK)) return -1;
+    const int nt = threads_for(rows * cols, nthreads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *row = (const uint8_t *)w + (idx ? idx[r] : r) * row_bytes;
+        float *o = out + r * cols;
+        if (type == T_F32) {
+            memcpy(o, row, sizeof(float) * (size_t)cols);
+        } else if (type == T_BF16) {
+            for (int64_t k = 0; k < cols; k++) o[k] = bf16_to_f32(load_u16(row + 2 * k));
+        } else {
+            for (int64_t b = 0; b < nb; b++, o += QK) {
+                const uint8_t *blk = row + b * bb;
+                const float d = f16_to_f32(load_u16(blk));
+                if (type == T_Q8_0) {
+                    const int8_t *q = (const int8_t *)(blk + 2);
+                    for (int j = 0; j < QK; j++) o[j] = d * (float)q[j];
+                } else {
+                    const float m = type == T_Q4_0 ? -8.0f * d : f16_to_f32(load_u16(blk + 2));
+                    const uint8_t *q = blk + (type == T_Q4_0 ? 2 : 4);
+                    for (int j = 0; j < 16; j++) {
+                        o[j] = d * (float)(q[j] & 15) + m;
+                        o[j + 16] = d * (float)(q[j] >> 4) + m;
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---- the small ops of a decoding step ------------------------------------------------------------ */
+
+/* out[i] = x[i] / rms(x[i]) * w (or * (1 + w)) for n rows of dim; out may be x */
+EXPORT void cf_rmsnorm(const float *x, const float *w, float *out, int64_t n, int64_t dim, float eps, int plus_one) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * dim;
+        float *oi = out + i * dim;
+        float ss = 0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t k = 0; k < dim; k++) ss += xi[k] * xi[k];
+        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        if (plus_one) {
+#pragma omp simd
+            for (int64_t k = 0; k < dim; k++) oi[k] = xi[k] * inv * (1.0f + w[k]);
+        } else {
+#pragma omp simd
+            for (int64_t k = 0; k < dim; k++) oi[k] = w[k] * (xi[k] * inv);
+        }
+    }
+}
+
+/* Rotary embedding in place, half-split pairs (x_j, x_{j+D/2}): x (B, H, T, D) with strides sb, sh, st
+   (elements; the last dim contiguous), cos and sin (B, T, D) contiguous. */
+EXPORT void cf_rope(float *x, int64_t B, int64_t H, int64_t T, int64_t D, int64_t sb, int64_t sh, int64_t st,
+                    const float *cos_, const float *sin_) {
+    const int64_t half = D / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t t = 0; t < T; t++) {
+                float *v = x + b * sb + h * sh + t * st;
+                const float *c = cos_ + (b * T + t) * D, *s = sin_ + (b * T + t) * D;
+#pragma omp simd
+                for (int64_t j = 0; j < half; j++) {
+                    const float x1 = v[j], x2 = v[j + half];
+                    v[j] = x1 * c[j] - x2 * s[j];
+                    v[j + half] = x2 * c[j + half] + x1 * s[j + half];
+                }
+            }
+}
+
+/* out (N, F) = silu(h[:, :F]) * h[:, F:] for h (N, 2F) */
+EXPORT void cf_swiglu(const float *h, float *out, int64_t n, int64_t f) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *g = h + i * 2 * f, *u = g + f;
+        float *o = out + i * f;
+#pragma omp simd
+        for (int64_t k = 0; k < f; k++) o[k] = g[k] / (1.0f + cf_exp(-g[k])) * u[k];
+    }
+}
+
+/* Attention of Tq queries over S cached keys, grouped heads (H query heads share each of KVH key/value
+   heads). q (B, H, Tq, D), k and v (B, KVH, S, D): strides in elements (the last dim contiguous). mask:
+   NULL, or bytes (B, Tq, S) at strides mb, mt (0 to broadcast), nonzero where a key may be seen; with
+   causal, query i also sees only keys j <= S - Tq + i. out (B, Tq, H, D) contiguous: the layout the
+   output projection reads. Keys a query may not see get no weight; one that may see none gets zeros. */
+EXPORT int cf_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const float *k, int64_t kb, int64_t kh,
+                        int64_t ks, const float *v, int64_t vb, int64_t vh, int64_t vs, const uint8_t *mask,
+                        int64_t mb, int64_t mt, int causal, int64_t B, int64_t H, int64_t KVH, int64_t Tq, int64_t S,
+                        int64_t D, float scale, float *out, int nthreads) {
+    if (KVH <= 0 || H % KVH) return -1;
+    const int64_t group = H / KVH, jobs = B * H * Tq;
+    const int nt = threads_for(jobs * S * D * 4, nthreads);
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *p = (float *)malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)D);
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < jobs; job++) {
+            if (!p || !acc) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            const int64_t b = job / (H * Tq), h = job / Tq % H, t = job % Tq, g = h / group;
+            const float *qv = q + b * qb + h * qh + t * qt;
+            const float *kbase = k + b * kb + g * kh, *vbase = v + b * vb + g * vh;
+            const uint8_t *mrow = mask ? mask + b * mb + t * mt : 0;
+            const int64_t last = causal ? S - Tq + t : S - 1; /* the last key it may see */
+            float best = -INFINITY;
+            for (int64_t j = 0; j < S; j++) {
+                if (j > last || (mrow && !mrow[j])) {
+                    p[j] = -INFINITY;
+                    continue;
+                }
+                const float *kv = kbase + j * ks;
+                float s = 0;
+#pragma omp simd reduction(+ : s)
+                for (int64_t e = 0; e < D; e++) s += qv[e] * kv[e];
+                p[j] = s * scale;
+                best = p[j] > best ? p[j] : best;
+            }
+            float *o = out + ((b * Tq + t) * H + h) * D;
+            for (int64_t e = 0; e < D; e++) acc[e] = 0;
+            if (best == -INFINITY) { /* sees nothing */
+                memcpy(o, acc, sizeof(float) * (size_t)D);
+                continue;
+            }
+            float total = 0;
+#pragma omp simd reduction(+ : total)
+            for (int64_t j = 0; j < S; j++) {
+                const float e = p[j] == -INFINITY ? 0.0f : cf_exp(p[j] - best);
+                p[j] = e;
+                total += e;
+            }
+            for (int64_t j = 0; j < S; j++) {
+                const float pj = p[j];
+                if (pj == 0.0f) continue;
+                const float *vv = vbase + j * vs;
+#pragma omp simd
+                for (int64_t e = 0; e < D; e++) acc[e] += pj * vv[e];
+            }
+            const float inv = 1.0f / total;
+#pragma omp simd
+            for (int64_t e = 0; e < D; e++) o[e] = acc[e] * inv;
+        }
+        free(p);
+        free(acc);
+    }
+    return failed ? -2 : 0;
+}
+
+INLINE void head_norm(float *v, const float *w, int64_t D, float eps, int plus_one) {
+    float ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t e = 0; e < D; e++) ss += v[e] * v[e];
+    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+#pragma omp simd
+    for (int64_t e = 0; e < D; e++) v[e] = plus_one ? v[e] * inv * (1.0f + w[e]) : w[e] * (v[e] * inv);
+}
+
+INLINE void head_rope(float *v, const float *c, const float *s, int64_t D) {
+    const int64_t half = D / 2;
+#pragma omp simd
+    for (int64_t j = 0; j < half; j++) {
+        const float x1 = v[j], x2 = v[j + half];
+        v[j] = x1 * c[j] - x2 * s[j];
+        v[j + half] = x2 * c[j + half] + x1 * s[j + half];
+    }
+}
+
+/* One attention layer of a decoding step, from the qkv projection's output to the input of the output
+   projection. qkv (B, T, (H + 2 KVH) D): each token's query heads, key heads, value heads. Per head,
+   optionally RMSNorm (weights qn, kn) and rotary (cos, sin (B, T, D)), both in place; the keys and
+   values go into the cache kc, vc (this layer's (B, KVH, slots, D), strides cb, ch, cs) at slots
+   start..start+T-1; then every query attends over slots 0..start+T-1 as in cf_attention (mask over
+   those slots, or causal). out (B, T, H D). */
+EXPORT int cf_attention_step(float *qkv, int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t D, const float *qn,
+                             const float *kn, float eps, int plus_one, const float *cos_, const float *sin_, float *kc,
+                             float *vc, int64_t cb, int64_t ch, int64_t cs, int64_t start, const uint8_t *mask,
+                             int64_t mb, int64_t mt, int causal, float scale, float *out, int nthreads) {
+    const int64_t W = (H + 2 * KVH) * D;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            float *row = qkv + (b * T + t) * W;
+            const float *c = cos_ ? cos_ + (b * T + t) * D : 0, *s = sin_ ? sin_ + (b * T + t) * D : 0;
+            for (int64_t h = 0; h < H + KVH; h++) {
+                float *v = row + h * D;
+                const float *w = h < H ? qn : kn;
+                if (w) head_norm(v, w, D, eps, plus_one);
+                if (c) head_rope(v, c, s, D);
+            }
+            for (int64_t g = 0; g < KVH; g++) {
+                const int64_t at = b * cb + g * ch + (start + t) * cs;
+                memcpy(kc + at, row + (H + g) * D, sizeof(float) * (size_t)D);
+                memcpy(vc + at, row + (H + KVH + g) * D, sizeof(float) * (size_t)D);
+            }
+        }
+    return cf_attention(qkv, T * W, D, W, kc, cb, ch, cs, vc, cb, ch, cs, mask, mb, mt, causal, B, H, KVH, T,
+                        start + T, D, scale, out, nthreads);
+}
