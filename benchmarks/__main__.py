@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--only B1,B1-converge,B2,B2-llamacpp,B3,B4,B4-125m,B5,B5-gguf,B6-embed,B7-grammar,compile]
+"""python -m benchmarks [--quick] [--only B1,B1-converge,B2,B2-kernels,B2-llamacpp,B3,B4,B4-125m,B5,B5-gguf,B6-embed,B7-grammar,B8-speculative,compile]
                        [--threads N] [--rounds N]
 
 Runs the benchmarks side by side with their peers, prints the ratios, merges the results into
@@ -20,7 +20,7 @@ import torch
 from . import report
 from .common import ROOT, load_average, machine
 
-ALL = ("B1", "B1-converge", "B2", "B2-llamacpp", "B3", "B4", "B4-125m", "B5", "B5-gguf", "B6-embed", "B7-grammar", "compile")
+ALL = ("B1", "B1-converge", "B2", "B2-kernels", "B2-llamacpp", "B3", "B4", "B4-125m", "B5", "B5-gguf", "B6-embed", "B7-grammar", "B8-speculative", "compile")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -70,6 +70,12 @@ def run_selected(args: argparse.Namespace, save: Callable[[dict[str, dict]], Non
         for name in ("B2", "B3"):
             if name in args.only:
                 record(name, both[name], t0, load)
+    if "B2-kernels" in args.only:
+        from . import inference
+
+        t0, load = time.perf_counter(), load_average()
+        record("B2-kernels", inference.run_kernels(quick=args.quick, rounds=min(args.rounds, 3),
+                                                   threads=(args.threads,) if args.threads else (1, 2)), t0, load)
     if "B2-llamacpp" in args.only:
         from . import llamacpp
 
@@ -111,6 +117,11 @@ def run_selected(args: argparse.Namespace, save: Callable[[dict[str, dict]], Non
 
         t0, load = time.perf_counter(), load_average()
         record("B7-grammar", grammar.run(quick=args.quick, rounds=min(args.rounds, 3)), t0, load)
+    if "B8-speculative" in args.only:
+        from . import speculative
+
+        t0, load = time.perf_counter(), load_average()
+        record("B8-speculative", speculative.run(quick=args.quick, rounds=min(args.rounds, 3)), t0, load)
     if "compile" in args.only:
         from . import compile_check
 

@@ -162,5 +162,19 @@ def preset(name: str, **overrides) -> ModelConfig:
     return ModelConfig.preset(name, **overrides)
 
 
+def chat_model(quick: bool) -> tuple:
+    """(label, model, tokenizer) on the CPU: the demo model with --quick, else the default chat model as a user
+    gets it (the catalogue's SmolLM2-135M-Instruct Q4_1 GGUF, pulled on first use; loaded as int4);
+    catalog.ModelUnavailable where it cannot be had."""
+    from chatforge.loader import DEMO_MODEL, load
+
+    if quick:
+        return "chatforge-demo", *load(DEMO_MODEL, device="cpu")
+    from chatforge import catalog
+
+    path = catalog.pull("smollm2", progress=False)
+    return "SmolLM2-135M-Instruct Q4_1 (as int4)", *load(str(path), device="cpu")
+
+
 def fmt_ratio(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.2f}x"

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .common import interleaved, median, spread
+from .common import chat_model, interleaved, median, spread
 
 NEW_TOKENS = 128
 SCHEMA = {  # every reply stays inside it for far longer than NEW_TOKENS: at least 64 records
@@ -30,24 +30,13 @@ SCHEMA = {  # every reply stays inside it for far longer than NEW_TOKENS: at lea
 PROMPT = "List 100 people as JSON records with their name, age, city and whether they are members."
 
 
-def _model(quick: bool):
-    from chatforge.loader import DEMO_MODEL, load
-
-    if quick:
-        return "chatforge-demo", *load(DEMO_MODEL, device="cpu")
-    from chatforge import catalog
-
-    path = catalog.pull("smollm2", progress=False)  # ModelUnavailable where it cannot be had
-    return "SmolLM2-135M-Instruct Q4_1 (as int4)", *load(str(path), device="cpu")
-
-
 def run(quick: bool = False, rounds: int = 3) -> dict:
     from chatforge import catalog
     from chatforge.chat.session import ChatModel
     from chatforge.engine import Engine
 
     try:
-        label, model, tokenizer = _model(quick)
+        label, model, tokenizer = chat_model(quick)
     except catalog.ModelUnavailable as e:
         return {"skipped": f"SmolLM2 cannot be had here: {e}"}
     chat = ChatModel(Engine(model, tokenizer))

@@ -11,6 +11,8 @@ B3: time to first token for a 512-token prompt, the same models.
 from __future__ import annotations
 
 import copy
+import os
+import statistics
 from typing import Callable
 
 import torch
@@ -56,8 +58,9 @@ def build_contenders(quick: bool) -> tuple[dict, dict]:
         "transformers fp32": ("hf", hf_peer(base, torch.float32)),
         "chatforge bf16": ("chatforge", copy.deepcopy(base).to(torch.bfloat16)),
         "transformers bf16": ("hf", hf_peer(base, torch.bfloat16)),
-        "chatforge int8": ("chatforge", quantize_model(copy.deepcopy(base), "int8", dtype=torch.bfloat16)),
-        "chatforge int4": ("chatforge", quantize_model(copy.deepcopy(base), "int4", dtype=torch.bfloat16)),
+        # activations in quantize's default dtype: fp32 where chatforge's kernels are, else bf16 where native
+        "chatforge int8": ("chatforge", quantize_model(copy.deepcopy(base), "int8")),
+        "chatforge int4": ("chatforge", quantize_model(copy.deepcopy(base), "int4")),
     }
     info = {name: {"weight_bytes_per_token": decode_weight_bytes(m) if kind == "chatforge" else
                    decode_weight_bytes(models[name.replace("transformers", "chatforge")][1]),
@@ -142,3 +145,126 @@ def run(quick: bool = False, rounds: int = 5) -> dict:
     }
     b3["fastest"] = {"chatforge": cf_fast[1], "transformers": hf_fast[1]}
     return {"B2": b2, "B3": b3}
+
+
+# --- B2-kernels: chatforge's own CPU kernels against its torch path, on GGUF files ---------------------
+
+KERNEL_CONTENDERS = {  # name: (load() dtype, kernels on)
+    "stored blocks (kernels)": (None, True),  # the file's Q4_0 / Q4_1 / Q8_0 blocks multiplied as they are
+    "fp32 (kernels)": ("fp32", True),  # dequantized; chatforge's fp32 GEMV and step kernels
+    "fp32 (torch)": ("fp32", False),  # the same model on torch's ops alone: chatforge before its kernels
+}
+
+
+def kernel_decode(path, threads: tuple[int, ...] = (1, 2), rounds: int = 3, prompt_len: int = 32, new: int = 128,
+                  prefill_len: int = 512, contenders: tuple[str, ...] = tuple(KERNEL_CONTENDERS)) -> dict:
+    """Batch-1 greedy decoding of one GGUF file in chatforge, per contender (KERNEL_CONTENDERS) and thread count:
+    decode tokens/s (the tokens after the first / their time), the prefill of `prefill_len` tokens, and the
+    share of the memory-bandwidth bound (read bandwidth on the same threads / weight bytes a step reads).
+    Rounds interleave the contenders; figures are medians. Importable: B2-llamacpp can call it."""
+    from chatforge import kernels
+    from chatforge.kernels import build
+    from chatforge.loader import load
+
+    from .llamacpp import chatforge_generate, summarize
+
+    def switch(on: bool) -> None:  # CHATFORGE_KERNELS read afresh: every layer asks kernels.get() per call
+        os.environ[build.ENV] = "1" if on else "0"
+        kernels.reset()
+
+    engines, models = {}, {}
+    for name in contenders:
+        dtype, on = KERNEL_CONTENDERS[name]
+        if dtype not in models:
+            models[dtype] = load(path, device="cpu", dtype=dtype)
+        engines[name] = (Engine(*models[dtype]), on)
+    vocab = next(iter(engines.values()))[0].model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+    long_prompt = torch.randint(0, vocab, (prefill_len,), generator=g).tolist()
+    result: dict = {"file": str(getattr(path, "name", path)), "kernels": kernels.status(), "by_threads": {}}
+    before, env = torch.get_num_threads(), os.environ.get(build.ENV)
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            runs: dict[str, list] = {n: [] for n in engines}
+            prefills: dict[str, list] = {n: [] for n in engines}
+            tokens: dict[str, list] = {}
+            bandwidths = []
+            for name, (engine, on) in engines.items():  # warm-up (first-call costs, the kernels' build)
+                switch(on)
+                chatforge_generate(engine, prompt, 4)
+            for r in range(rounds):
+                bandwidths.append(memory_bandwidth(1024, threads=t))
+                names = list(engines)
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    engine, on = engines[name]
+                    switch(on)
+                    run = chatforge_generate(engine, prompt, new)
+                    runs[name].append(run)
+                    tokens.setdefault(name, run["tokens"])
+                    prefills[name].append(chatforge_generate(engine, long_prompt, 1)["first_s"])
+            bandwidth = statistics.median(bandwidths)
+            rows = {}
+            for name, (engine, _) in engines.items():
+                read = decode_weight_bytes(engine.model)
+                row = {**summarize(runs[name], new), "prefill_s": statistics.median(prefills[name]),
+                       "weight_bytes_per_token": read, "bound_tokens_per_s": bandwidth / read}
+                row["pct_of_bound"] = 100 * row["decode_tokens_per_s"] / row["bound_tokens_per_s"]
+                rows[name] = row
+            first = next(iter(tokens.values()))
+            result["by_threads"][str(t)] = {"bandwidth_GBps": bandwidth / 1e9, "rows": rows,
+                                            "greedy_tokens_equal": all(v == first for v in tokens.values())}
+    finally:
+        torch.set_num_threads(before)
+        if env is None:
+            os.environ.pop(build.ENV, None)
+        else:
+            os.environ[build.ENV] = env
+        kernels.reset()
+    return result
+
+
+def run_kernels(quick: bool = False, rounds: int = 3, threads: tuple[int, ...] = (1, 2)) -> dict:
+    """B2-kernels: SmolLM2-135M-Instruct's Q4_1 file and a 1B-class random Q4_0 one (Llama-3.2-1B's shape;
+    benchmarks/gguf_memory.random_gguf), 1 and 2 threads; a tiny random file in a quick run."""
+    import tempfile
+    from pathlib import Path
+
+    from chatforge.utils import cpu_flags
+
+    from .common import cpu_model
+    from .gguf_memory import LLAMA_1B, TINY, random_gguf, random_gguf_name
+    from .llamacpp import FLAGS, cache_dir
+
+    flags = cpu_flags()
+    result: dict = {"cpu": cpu_model(), "flags": [f for f in FLAGS if f in flags], "files": {}, "ratios": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        if quick:
+            files = {"tiny random Q4_0": (random_gguf(Path(tmp) / random_gguf_name(TINY, None), TINY), {})}
+        else:
+            from chatforge import catalog
+
+            try:
+                smollm2 = catalog.pull("smollm2", progress=False)
+            except catalog.ModelUnavailable as e:
+                return {"skipped": f"smollm2 cannot be had here ({e.why})"}
+            big = random_gguf(cache_dir() / "bench" / random_gguf_name(LLAMA_1B, smollm2), LLAMA_1B,
+                              tokenizer_from=smollm2)
+            # the 1B file dequantized is 4 GB in fp32: fewer tokens and rounds for it
+            files = {"SmolLM2-135M-Instruct Q4_1": (smollm2, {}),
+                     "1B-class (Llama-3.2-1B shape), random Q4_0": (big, {"new": 32, "prefill_len": 128,
+                                                                          "rounds": max(1, rounds // 2)})}
+        for label, (path, options) in files.items():
+            print(f"B2-kernels: {label}", flush=True)
+            kw = {"rounds": 1 if quick else rounds, **options}
+            if quick:
+                kw.update(new=8, prompt_len=8, prefill_len=32)
+            m = result["files"][label] = kernel_decode(path, threads=threads, **kw)
+            m.update(new=kw.get("new", 128), prompt=kw.get("prompt_len", 32), prefill_len=kw.get("prefill_len", 512),
+                     rounds=kw["rounds"])
+            for t, entry in m["by_threads"].items():
+                rows = entry["rows"]
+                result["ratios"][f"{label.split()[0]} {t}t stored/torch"] = (
+                    rows["stored blocks (kernels)"]["decode_tokens_per_s"] / rows["fp32 (torch)"]["decode_tokens_per_s"])
+    return result

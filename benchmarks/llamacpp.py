@@ -272,7 +272,7 @@ def measure_file(label: str, path: Path, peer: Optional[LlamaCpp], threads: list
     for mode, (dtype, quantize) in chatforge_modes().items():
         model, tok = load(path, device="cpu", dtype=dtype, quantize=quantize)
         engines[mode] = Engine(model, tok)
-        dtypes[mode] = str(next(model.parameters()).dtype).replace("torch.", "")
+        dtypes[mode] = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(engines[mode].dtype, str(engines[mode].dtype))
     vocab = min(e.model.config.vocab_size for e in engines.values())
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
@@ -304,7 +304,7 @@ def measure_file(label: str, path: Path, peer: Optional[LlamaCpp], threads: list
                 mode = name.split()[-1]
                 rows[name] = {**summarize(decodes[name], new), "prefill_s": statistics.median(prefills[name]),
                               "prefill_spread": spread(prefills[name]), "tokens": decodes[name][0]["tokens"],
-                              "dtype": "file's blocks" if name == "llama.cpp" else dtypes[mode],
+                              "dtype": "fp32" if name == "llama.cpp" else dtypes[mode],
                               "weight_bytes_per_token": file_bytes_per_token(path) if name == "llama.cpp" else
                               decode_weight_bytes(engines[mode].model)}
             bandwidth = statistics.median(bandwidths)
@@ -400,7 +400,7 @@ def table(result: dict) -> str:
              "bytes read per token. Ratios are chatforge / llama.cpp in speed (prefill: llama.cpp's time / chatforge's).", ""]
     for label, m in result["models"].items():
         lines += [f"**{label}** (`{m['file']}`, {m['file_bytes'] / 1e6:.0f} MB, {m['rounds']} round(s), medians)", "",
-                  "| threads | contender | weights | decode tokens/s | vs llama.cpp | % of bound | end-to-end tokens/s "
+                  "| threads | contender | activations | decode tokens/s | vs llama.cpp | % of bound | end-to-end tokens/s "
                   "| prefill s | prefill vs llama.cpp | MB read / token | greedy tokens equal to llama.cpp's |",
                   "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for t, entry in m["by_threads"].items():

@@ -92,7 +92,7 @@ def test_llamacpp_benchmark_measures_chatforge_and_says_why_the_peer_is_missing(
     for row in rows.values():
         assert row["decode_tokens_per_s"] > 0 and row["prefill_s"] > 0 and row["weight_bytes_per_token"] > 0
         assert 0 < row["pct_of_bound"] and "decode_vs_llamacpp" not in row
-    assert rows["chatforge fp32"]["dtype"] == "float32"
+    assert rows["chatforge fp32"]["dtype"] == "fp32"
     assert result["ratios"] == {} and not result["target_met"]
     text = llamacpp.table(result)
     assert "llama.cpp: not measured (no benchmark environment" in text and "| 1 | chatforge int4 |" in text
@@ -107,11 +107,11 @@ def test_llamacpp_ratios_and_table_from_measured_runs():
 
     new = 5  # 4 tokens after the first
     rows = {"llama.cpp": {**llamacpp.summarize(runs(0.1, 0.5, [1, 2, 3, 4, 5]), new), "prefill_s": 2.0,
-                          "tokens": [1, 2, 3, 4, 5], "weight_bytes_per_token": 100, "dtype": "file's blocks"},
+                          "tokens": [1, 2, 3, 4, 5], "weight_bytes_per_token": 100, "dtype": "fp32"},
             "chatforge fp32": {**llamacpp.summarize(runs(0.1, 1.1, [1, 2, 9, 4, 5]), new), "prefill_s": 1.0,
-                               "tokens": [1, 2, 9, 4, 5], "weight_bytes_per_token": 400, "dtype": "float32"},
+                               "tokens": [1, 2, 9, 4, 5], "weight_bytes_per_token": 400, "dtype": "fp32"},
             "chatforge int4": {**llamacpp.summarize(runs(0.2, 0.4, [1, 2, 3, 4, 5]), new), "prefill_s": 4.0,
-                               "tokens": [1, 2, 3, 4, 5], "weight_bytes_per_token": 100, "dtype": "bfloat16"}}
+                               "tokens": [1, 2, 3, 4, 5], "weight_bytes_per_token": 100, "dtype": "bf16"}}
     assert rows["llama.cpp"]["decode_tokens_per_s"] == pytest.approx(10.0)  # 4 tokens in 0.4 s
     assert rows["chatforge int4"]["end_to_end_tokens_per_s"] == pytest.approx(12.5)  # 5 tokens in 0.4 s
     llamacpp.add_ratios(rows, bandwidth=2000.0)
@@ -131,8 +131,8 @@ def test_llamacpp_ratios_and_table_from_measured_runs():
                                "by_threads": {"2": {"bandwidth_GBps": 2e-6, "rows": rows, "best": best}}}},
               "ratios": {"m 2t decode": best["decode"], "m 2t prefill": best["prefill"]}}
     text = llamacpp.table(result)
-    assert "| 2 | chatforge int4 | bfloat16 | 20.0 | 2.00x | 100% | 12.5 | 4.000 | 0.50x | 0 | 5 |" in text
-    assert "| 2 | llama.cpp | file's blocks | 10.0 | - | 50% |" in text and "| m 2t decode | 2.00x |" in text
+    assert "| 2 | chatforge int4 | bf16 | 20.0 | 2.00x | 100% | 12.5 | 4.000 | 0.50x | 0 | 5 |" in text
+    assert "| 2 | llama.cpp | fp32 | 10.0 | - | 50% |" in text and "| m 2t decode | 2.00x |" in text
     assert "CPU: Some CPU, 2 cores; vector extensions: avx2." in text and "`AVX2 = 1`" in text
 
 

@@ -591,6 +591,31 @@ def test_smollm2_int4_keeps_blocks(smollm2, smollm2_gguf):
     assert x.token_ids == y.token_ids and "Paris" in x.text
 
 
+def test_smollm2_as_stored_decodes_like_the_dequantized_model(smollm2, smollm2_gguf, monkeypatch):
+    """Loaded as stored (no dtype, no quantize) where chatforge's kernels are: the file's Q4_1 and Q8_0
+    blocks kept and multiplied by the kernels give the greedy tokens of the dequantized fp32 model run
+    on torch's ops alone (tests/test_kernels.py checks each kernel against its torch reference)."""
+    from chatforge import kernels
+    from chatforge.engine import Engine
+    from chatforge.kernels import build
+
+    if not KERNELS:
+        pytest.skip(f"no kernels here: {kernels.status()}")
+    model, tok = smollm2
+    stored, _ = loader.load(smollm2_gguf, device="cpu")
+    assert stored.quantized == "Q4_1+Q8_0" and isinstance(stored.lm_head, GGMLLinear)
+    ids = tok.encode(PROMPT)
+    [fast] = Engine(stored, tok).generate(ids, max_new_tokens=12, temperature=0)
+    monkeypatch.setenv(build.ENV, "0")
+    kernels.reset()
+    try:
+        [slow] = Engine(model, tok).generate(ids, max_new_tokens=12, temperature=0)
+    finally:
+        monkeypatch.delenv(build.ENV)
+        kernels.reset()
+    assert fast.token_ids == slow.token_ids and "Paris" in fast.text
+
+
 def test_smollm2_tokenizer_matches_transformers(smollm2, reference):
     (_, tok), (_, their_tok) = smollm2, reference
     assert tok.encode(MIXED) == their_tok(MIXED, add_special_tokens=False)["input_ids"]

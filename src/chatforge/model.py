@@ -505,8 +505,6 @@ class Transformer(nn.Module):
         # optional sequence-level head over one pooled vector: NSP while pre-training, labels when fine-tuned
         self.pooler = nn.Linear(config.n_embd, config.n_embd, bias=True) if config.pooler else None
         self.classifier = nn.Linear(config.n_embd, config.num_labels, bias=True) if config.num_labels else None
-        if self.wte.weight.is_meta:  # shapes only (a model about to adopt loaded weights): nothing to initialise
-            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):

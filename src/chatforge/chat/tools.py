@@ -8,8 +8,8 @@
 The tools reach the model in one of two ways. A chat template that knows tools (its Jinja reads the
 `tools` variable, as Qwen's, Llama 3.1's and Hermes' do) renders them itself, with assistant messages'
 `tool_calls` and `role: "tool"` results. Any other template gets the FALLBACK format, which is Hermes'
-convention (Qwen's too) written as plain messages: a system block lists the functions as JSON Schema in
-<tools></tools> and asks for each call as
+convention (Qwen's too) written as plain messages: a system block lists the functions (name, description,
+parameters as JSON Schema; one compact JSON object a line) in <tools></tools> and asks for each call as
 
     <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>
 
@@ -36,11 +36,9 @@ _NAME_FIRST = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _ARGS_KEY = re.compile(r'\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')  # matched once the value begins
 
 FALLBACK_INSTRUCTIONS = (
-    "You may call one or more functions to help with the user's request. The functions are described "
-    "as JSON Schema inside <tools></tools>:\n<tools>\n{tools}\n</tools>\n"
-    "To call a function, reply with a <tool_call></tool_call> block holding a JSON object with the "
-    "function's name and its arguments, one block per call:\n"
-    '<tool_call>{{"name": "<function name>", "arguments": {{<arguments>}}}}</tool_call>'
+    "Functions you may call, described as JSON Schema:\n<tools>\n{tools}\n</tools>\n"
+    'To call one, reply with <tool_call>{{"name": "<function name>", "arguments": {{<arguments>}}}}</tool_call>, '
+    "one block per call."
 )
 
 
@@ -122,7 +120,8 @@ class ToolSpec:
         out = [_fallback_message(m) for m in messages]
         out = _merge_tool_turns(out)
         if self.active:
-            listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in self.openai_tools())
+            listing = "\n".join(json.dumps(t["function"], ensure_ascii=False, separators=(",", ":"))
+                                for t in self.openai_tools())
             block = FALLBACK_INSTRUCTIONS.format(tools=listing)
             if out and out[0]["role"] == "system":
                 out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + block}

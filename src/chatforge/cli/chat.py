@@ -19,7 +19,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generate_text(args.model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                   seed=args.seed, device=args.device, dtype=args.dtype,
-                  quantize=args.quantize)
+                  quantize=args.quantize, speculative=speculative_option(args))
     print()
     return 0
 
@@ -32,7 +32,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.json_schema is not None:  # checked before any model loads: a bad file fails at once
         options["json_schema"] = read_json_schema(args.json_schema)
     return run_chat(args.model, prompt=args.prompt, system=args.system, device=args.device, dtype=args.dtype,
-                    quantize=args.quantize, **options)
+                    quantize=args.quantize, speculative=speculative_option(args), **options)
 
 
 def read_json_schema(path: str) -> dict:
@@ -54,6 +54,27 @@ def read_json_schema(path: str) -> dict:
     return schema
 
 
+def speculative_flags(p: argparse.ArgumentParser) -> None:
+    """--speculative and --num-draft-tokens (engine/speculative.py)."""
+    p.add_argument("--speculative", default=None, metavar="ngram|MODEL",
+                   help="speculative decoding: ngram (drafts copied from the prompt and reply) or a draft model "
+                        "sharing the tokenizer; same output, several tokens per forward pass (default: off)")
+    p.add_argument("--num-draft-tokens", type=int, default=None, metavar="K",
+                   help="tokens drafted per step with --speculative (default 5)")
+
+
+def speculative_option(args: argparse.Namespace):
+    """The Engine's `speculative` argument from the flags (None = off); a ConfigError for bad values."""
+    if args.speculative is None:
+        if args.num_draft_tokens is not None:
+            raise ChatforgeError("--num-draft-tokens needs --speculative ngram (or a draft model)")
+        return None
+    from chatforge.engine import SpeculativeConfig
+
+    extra = {} if args.num_draft_tokens is None else {"num_draft_tokens": args.num_draft_tokens}
+    return SpeculativeConfig(draft=args.speculative, **extra)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the generate and chat verbs to the `chatforge` parser."""
     p = sub.add_parser("generate", help="continue a prompt with a model",
@@ -62,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                   "GGUF file, or ollama:NAME[:TAG]")
     p.add_argument("--prompt", default=None, help="text to continue (default: stdin)")
     sampling_flags(p, defaults=True)
+    speculative_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (SmolLM2 by default, pulled on first use)")
@@ -73,4 +95,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json-schema", default=None, metavar="FILE",
                    help="a JSON Schema file: every reply is JSON matching it (grammar-constrained decoding)")
     sampling_flags(p, defaults=False)
+    speculative_flags(p)
     p.set_defaults(func=cmd_chat)

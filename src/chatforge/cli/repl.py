@@ -172,8 +172,8 @@ class Repl:
 
 def run_chat(model: Optional[str] = None, *, prompt: Optional[str] = None, system: Optional[str] = None,
              device: str = "auto", dtype: Optional[str] = None, quantize: Optional[str] = None,
-             **options: Any) -> int:
-    """The `chatforge chat` verb: a REPL, or with `prompt` one reply printed to stdout."""
+             speculative: Any = None, **options: Any) -> int:
+    """The `chatforge chat` verb: a REPL, or with `prompt` one reply printed to stdout. speculative: see Engine."""
     from chatforge.engine import Engine
     from chatforge.loader import load_chat_model
     from chatforge.pipelines.generation import generation_options
@@ -183,7 +183,7 @@ def run_chat(model: Optional[str] = None, *, prompt: Optional[str] = None, syste
 
     # no model named: the default chat model (smollm2, pulled on first use), else the demo model, with a warning
     model_obj, tokenizer, _ = load_chat_model(model, device=device, dtype=dtype, quantize=quantize, warn=warn)
-    chat = ChatModel(Engine(model_obj, tokenizer))
+    chat = ChatModel(Engine(model_obj, tokenizer, speculative=speculative))
     config = chat.defaults.replace(**generation_options(options))
     repl = Repl(chat, config, system=system)
     if prompt is not None:

@@ -17,10 +17,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from chatforge.server.settings import ServeConfig
 
     config = dataclass_from_args(ServeConfig, args)
-    if config.model:  # a model that is not there: one line before anything is announced
+    # a model (or --speculative draft model) that is not there: one line before anything is announced
+    wanted = [config.model] + ([config.speculative] if config.speculative not in (None, "ngram") else [])
+    if any(wanted):
         from chatforge.loader import locate
 
-        locate(config.model)
+        for name in filter(None, wanted):
+            locate(name)
     serve(config, announce=lambda line: print(line, flush=True))
     print("chatforge serve: stopped", file=sys.stderr, flush=True)
     if any(t.name == "chatforge-loader" and t.is_alive() for t in threading.enumerate()):

@@ -330,7 +330,8 @@ class TokenShards:
             if self.dtype not in (np.uint16, np.uint32):
                 raise ValueError(self.dtype)
         except (KeyError, TypeError, ValueError):
-            raise DataError(f"{self.directory / META} is corrupt; delete {directory} and prepare the data again") from None
+            raise DataError(f"{self.directory / META} is corrupt; delete {directory} and prepare the data "
+                            "again") from None
         self.arrays: list[np.ndarray] = []
         for path, tokens in shards:
             if not path.is_file() or path.stat().st_size != tokens * self.dtype.itemsize:

@@ -8,6 +8,7 @@ from chatforge.engine.prompt import PromptTooLongError, check_prompt, start_ids
 from chatforge.engine.engine import (DecodeState, Engine, Generation, Request, StepTrace, TextStream, TokenLogprob,
                                      generate_text)
 from chatforge.engine.kv_cache import KVCache
+from chatforge.engine.speculative import SpeculativeConfig
 from chatforge.engine.grammar import GrammarError, response_format_schema
 from chatforge.engine.sampling import (SamplingParams, apply_frequency_presence, apply_logit_bias,
                                        apply_repetition_penalty, filter_logits, sample, token_logprobs)
@@ -17,5 +18,5 @@ __all__ = [
     "Engine", "GenerationConfig", "GenerationConfigError", "Generation", "StepTrace", "TextStream", "DecodeState",
     "GrammarError", "response_format_schema", "Request", "PromptTooLongError", "check_prompt", "start_ids", "generate_text", "KVCache", "SamplingParams",
     "sample", "filter_logits", "apply_repetition_penalty", "apply_frequency_presence", "apply_logit_bias",
-    "token_logprobs", "TokenLogprob", "IncrementalDecoder", "StopStrings", "TextTracker",
+    "token_logprobs", "TokenLogprob", "IncrementalDecoder", "StopStrings", "TextTracker", "SpeculativeConfig",
 ]

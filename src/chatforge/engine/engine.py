@@ -10,7 +10,9 @@ Every prompt is checked by prompt.check_prompt (vocabulary, context) when its Re
 A batch is left-padded into one tensor and prefilled once into a preallocated KV cache;
 then each decode step feeds one token per row. Rows that finish leave the batch.
 DecodeState is one running batch, and its `step()` and `join()` are the seam for a serving
-scheduler (continuous batching: new requests joining a batch mid-decode).
+scheduler (continuous batching: new requests joining a batch mid-decode). An Engine made with
+`speculative=` hands each decoding step to engine/speculative.py, which may give a row several
+tokens per step (the same tokens plain decoding gives).
 
 A request whose config asks for `logprobs` records each new token's log-probability (and the most
 likely alternatives) from the raw logits, before any sampling setting changes them; `prompt_logprobs`
@@ -38,6 +40,7 @@ from chatforge.engine.prompt import check_prompt, start_ids
 from chatforge.engine.sampling import NEG_INF, SamplingParams, sample, token_logprobs
 from chatforge.engine.stream import TextTracker
 from chatforge.engine.grammar import Matcher, apply_masks, matcher_for
+from chatforge.engine.speculative import SpeculativeConfig, Speculator
 
 if TYPE_CHECKING:
     from chatforge.model import Transformer
@@ -176,6 +179,8 @@ class DecodeState:
         self._counts: Optional[torch.Tensor] = None  # (B, V) generated tokens, for frequency/presence penalties
         self._params = SamplingParams([r.config for r in self.requests], engine.device)
         self._tracing = any(r.trace is not None for r in self.requests)  # fixed per batch: no cost when False
+        self.speculator = engine.speculator if use_cache else None  # speculative.py: several tokens per step
+        self.drafting = None  # a draft model's own cache for these rows (speculative.ModelDrafter)
 
     @property
     def done(self) -> bool:
@@ -187,6 +192,12 @@ class DecodeState:
             return []
         if not self.started:
             return self._prefill()
+        if self.speculator is not None:
+            return self.speculator.step(self)
+        return self._decode()
+
+    def _decode(self) -> list[tuple[Request, str]]:
+        """The plain decoding step: one token per row."""
         if self.cache is not None:
             tokens = self.next_tokens[:, None]
             logits = self._forward(tokens, positions=self.cache.next_position()[:, None], cache=self.cache)
@@ -276,16 +287,19 @@ class DecodeState:
         if self._counts is not None:
             self._counts.scatter_add_(1, tokens[:, None], torch.ones_like(self._counts[:, :1]))
         if scored is not None:
-            entries = _logprob_entries(scored, tokens[params.logprob_rows], max(params.logprob_top),
-                                       params.logprob_top)
-            for i, entry in zip(params.logprob_rows, entries):
-                self.requests[i].logprobs.append(entry)
+            self._record_logprobs(params.logprob_rows, scored, tokens[params.logprob_rows])
         out = [(r, r.add(t)) for r, t in zip(self.requests, tokens.tolist())]
         keep = [i for i, r in enumerate(self.requests) if not r.done]
         self.next_tokens = tokens
         if len(keep) < len(self.requests):
             self._keep(keep)
         return out
+
+    def _record_logprobs(self, rows: Sequence[int], scored: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Append to request rows[i] (a row may repeat) the logprobs of tokens[i] under raw logits scored[i]."""
+        tops = [self.requests[i].config.logprobs for i in rows]
+        for i, entry in zip(rows, _logprob_entries(scored, tokens, max(tops), tops)):
+            self.requests[i].logprobs.append(entry)
 
     def _build_seen(self, vocab: int) -> torch.Tensor:
         rows = [i for i, r in enumerate(self.requests) for _ in range(len(r.prompt_ids) + len(r.tokens))]
@@ -391,7 +405,10 @@ class Engine:
     """Generation for one model and tokenizer: batched, cached, streamed, stopped."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, device: Optional[torch.device | str] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 dtype: Optional[torch.dtype] = None,
+                 speculative: Union[str, SpeculativeConfig, None] = None) -> None:
+        """speculative: "ngram" (prompt lookup), a draft model's name or path, or a SpeculativeConfig: decode
+        several tokens per forward pass with the same result (engine/speculative.py); None = off."""
         if isinstance(device, str):
             from chatforge.utils import pick_device
 
@@ -409,6 +426,7 @@ class Engine:
         # a model's vocabulary may be padded past the tokenizer's: never sample ids that decode to nothing
         self._vocab = min(tokenizer.vocab_size, model.config.vocab_size)
         self.default_stop_ids = [i for i in (tokenizer.eos_id, tokenizer.token_id("im_end")) if i is not None]
+        self.speculator = Speculator(self, speculative) if speculative is not None else None
 
     # --- the public calls -----------------------------------------------------------------
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], config: Configs = None, *,
@@ -503,10 +521,11 @@ def generate_text(model_dir: str, prompt: str, *, max_new_tokens: int = 200, tem
                   top_k: Optional[int] = None, top_p: float = 1.0, min_p: Optional[float] = None,
                   repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
                   device: str = "auto", dtype: Optional[str] = None, quantize: Optional[str] = None,
-                  stream: bool = True, out: Optional[TextIO] = None) -> Generation:
+                  stream: bool = True, out: Optional[TextIO] = None,
+                  speculative: Union[str, SpeculativeConfig, None] = None) -> Generation:
     """`chatforge generate`: load a model, continue `prompt`, write the continuation to `out` (stdout).
 
-    With stream=True each piece is written (and flushed) as soon as it is final.
+    With stream=True each piece is written (and flushed) as soon as it is final. speculative: see Engine.
     """
     from chatforge.loader import load
     from chatforge.utils import bf16_supported, pick_device
@@ -519,7 +538,7 @@ def generate_text(model_dir: str, prompt: str, *, max_new_tokens: int = 200, tem
     if dtype is None and dev.type == "cuda" and bf16_supported(dev):
         dtype = "bf16"
     model, tokenizer = load(model_dir, device=dev, dtype=dtype, quantize=quantize)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, speculative=speculative)
     ids = tokenizer.encode(prompt) or start_ids(tokenizer)  # nothing to continue from: a fresh document
     if not stream:
         [result] = engine.generate(ids, config)

@@ -105,6 +105,33 @@ class KVCache:
         self.length -= first
         self.max_len -= first
 
+    # --- taking tokens back (speculative decoding: engine/speculative.py) ------------------------
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Forget every token of row b at position lengths[b] or later (drafted tokens the model rejected):
+        their slots stop being valid, the row's next token gets position lengths[b], and trailing slots no
+        row uses any more are given back."""
+        n = self.length
+        self.valid[:, :n] &= self.pos[:, :n] < lengths[:, None]
+        self.next_pos = torch.minimum(self.next_pos, lengths)
+        used = self.valid[:, :n].any(0).nonzero()
+        self.length = int(used[-1]) + 1 if len(used) else 0
+
+    def compact(self) -> None:
+        """Close the holes truncate() leaves when rows keep different numbers of tokens: every row's valid
+        slots move, in order, to the right end of the fewest slots that hold them all."""
+        n = self.length
+        valid = self.valid[:, :n]
+        keep = int(valid.sum(1).max()) if n else 0
+        # a stable sort puts each row's invalid slots first and its valid ones after them, both in slot order
+        order = valid.to(torch.int8).sort(dim=1, stable=True).indices[:, n - keep:]
+        L, B, H, _, D = self.k.shape
+        index = order[None, :, None, :, None].expand(L, B, H, keep, D)
+        for store in (self.k, self.v):
+            store[:, :, :, :keep] = store[:, :, :, :n].gather(3, index)
+        self.pos[:, :keep] = self.pos[:, :n].gather(1, order)
+        self.valid[:, :keep] = valid.gather(1, order)
+        self.length = keep
+
     @classmethod
     def concat(cls, caches: list["KVCache"], max_len: int = 0) -> "KVCache":
         """One cache holding the rows of all of `caches`, right-aligned.

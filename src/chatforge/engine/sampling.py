@@ -162,6 +162,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Te
     seen: (B, V) bool, tokens in each row's prompt or output (for repetition_penalty); counts: (B, V) how
     often each row has generated each token (for frequency_penalty and presence_penalty).
     """
+    logits = adjust_logits(logits, params, seen, counts)
+    best = logits.argmax(-1)
+    if params.all_greedy:
+        return best
+    generators = generators if generators is not None else [None] * logits.shape[0]
+    u = draw_uniform(generators, params.greedy_rows, logits.device)
+    drawn = sample_from_probs(sampling_probs(logits, params), u)
+    return torch.where(params.greedy.view(-1), best, drawn)
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Tensor] = None,
+                  counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 logits after logit_bias and the penalties: what a greedy row takes the argmax of (sample's first
+    stages, shared with speculative decoding's verification)."""
     logits = logits.float()
     if params.use_bias:
         logits = apply_logit_bias(logits, params.bias_rows, params.bias_tokens, params.bias_values)
@@ -169,14 +183,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: Optional[torch.Te
         logits = apply_repetition_penalty(logits, seen, params.penalty)
     if params.use_counts and counts is not None:
         logits = apply_frequency_presence(logits, counts, params.frequency, params.presence)
-    best = logits.argmax(-1)
-    if params.all_greedy:
-        return best
-    logits = filter_logits(logits / params.temperature,
+    return logits
+
+
+def sampling_probs(adjusted: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled row draws from, given adjust_logits' output: temperature, then the filters."""
+    logits = filter_logits(adjusted / params.temperature,
                            top_k=params.top_k if params.use_top_k else None,
                            top_p=params.top_p if params.use_top_p else 1.0,
                            min_p=params.min_p if params.use_min_p else 0.0)
-    generators = generators if generators is not None else [None] * logits.shape[0]
-    u = draw_uniform(generators, params.greedy_rows, logits.device)
-    drawn = sample_from_probs(logits.softmax(-1), u)
-    return torch.where(params.greedy.view(-1), best, drawn)
+    return logits.softmax(-1)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from chatforge.config import ModelConfig, count_params
 from chatforge.errors import CheckpointError, ConfigError
@@ -162,8 +163,28 @@ def check_fits(config: ModelConfig, bytes_per_param: float, source: str,
 
 def meta_model(config: ModelConfig) -> Transformer:
     """The model of `config` on the meta device: its structure and shapes, no memory."""
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInitOnMeta():
         return Transformer(config)
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Random and constant initialisers of meta tensors do nothing. The meta device has no values to
+    fill, and torch's meta kernels for them import much of torch._dynamo on first use: seconds (on a
+    busy machine twenty) before the first model could be loaded, and milliseconds per layer after."""
+
+    INITS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_,
+             *(getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_",
+                                                         "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+                                                         "zeros_", "ones_", "constant_")
+               if hasattr(torch.nn.init, name))}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.INITS:
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))  # torch.nn.init passes tensor=
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
 
 
 def check_state_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:

@@ -2,7 +2,7 @@
 
     k = kernels.get()             # the chosen variant (compiled on first use), or None: use torch
     y = k.linear(x, blocks, "Q4_1", out_features, in_features)   # x @ W^T, W as stored in a GGUF file
-    kernels.status()              # "avx2 (gcc ...)" or why there are none
+    kernels.status()              # "avx2, built by cc 12.2.0", or why there are none
 
 torch's batch-1 GEMV streams weights at about a third of the memory bus on some CPUs (MKL on an AMD
 EPYC), cannot read 4-bit blocks without unpacking them, and spends more time dispatching the ~100
@@ -194,7 +194,8 @@ def _chosen() -> tuple[Optional[Kernels], str]:
         k = variant(isa)
     except (build.BuildError, OSError) as e:
         return None, f"unavailable: {e}"
-    return k, f"{isa} ({build.compiler()[1]})"
+    cc, version = build.compiler()
+    return k, f"{isa}, built by {os.path.basename(cc)} {(version.split() or ['?'])[-1]}"
 
 
 def get() -> Optional[Kernels]:

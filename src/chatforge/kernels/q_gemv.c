@@ -122,38 +122,55 @@ INLINE float hsum256(__m256 v) {
 #endif
 
 INLINE void row_q4(const int type, const uint8_t *row, const float *x, int64_t ldx, const float *sx,
-                   int64_t nb, const int N, float *out) {
+                   int64_t lds, int64_t nb, const int N, float *out) {
     const int64_t bb = type == T_Q4_0 ? 18 : 20, qoff = type == T_Q4_0 ? 2 : 4;
-    float off[4] = {0, 0, 0, 0};
 #if defined(CF_AVX512)
-    __m512 acc[4];
-    for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
-    const __m512i m15 = _mm512_set1_epi32(15);
+    /* per block a table of its 16 possible weights (d * q + m for q = 0..15), looked up by each nibble:
+       the weights come out as floats, scaled and offset, in one permute each */
+    (void)sx, (void)lds;
+    __m512 acc0[4], acc1[4];
+    for (int i = 0; i < N; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 iota8 = _mm512_sub_ps(iota, _mm512_set1_ps(8.0f));
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bb;
-        const float d = f16_to_f32(load_u16(blk));
-        const float m = type == T_Q4_0 ? -8.0f * d : f16_to_f32(load_u16(blk + 2));
+        __m512 table;
+        if (type == T_Q4_0) {
+            table = _mm512_mul_ps(iota8, _mm512_set1_ps(f16_to_f32(load_u16(blk))));
+        } else {
+            int32_t dm32;
+            memcpy(&dm32, blk, 4);
+            const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm32)); /* d, m */
+            table = _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(dm), _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
+        }
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + qoff)));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m15));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-        const __m512 dv = _mm512_set1_ps(d);
+        const __m512 lo = _mm512_permutexvar_ps(v, table); /* the index's low 4 bits: the low nibble */
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
         for (int i = 0; i < N; i++) {
             const float *xb = x + i * ldx + b * QK;
-            __m512 s = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
-            s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), s);
-            acc[i] = _mm512_fmadd_ps(dv, s, acc[i]);
-            off[i] += m * sx[i * nb + b];
+            acc0[i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc0[i]);
+            acc1[i] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc1[i]);
         }
     }
-    for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]) + off[i];
+    for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
 #elif defined(CF_AVX2)
+    float off[4] = {0, 0, 0, 0};
     __m256 acc[4];
     for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
     const __m256i m15 = _mm256_set1_epi32(15);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bb;
-        const float d = f16_to_f32(load_u16(blk));
-        const float m = type == T_Q4_0 ? -8.0f * d : f16_to_f32(load_u16(blk + 2));
+        float d, m;
+        if (type == T_Q4_0) {
+            d = f16_to_f32(load_u16(blk));
+            m = -8.0f * d;
+        } else {
+            int32_t dm32;
+            memcpy(&dm32, blk, 4);
+            const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm32)); /* d, m */
+            d = _mm_cvtss_f32(dm);
+            m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        }
         const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + qoff));
         const __m256i v0 = _mm256_cvtepu8_epi32(raw), v1 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(raw, raw));
         const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, m15));
@@ -168,12 +185,12 @@ INLINE void row_q4(const int type, const uint8_t *row, const float *x, int64_t l
             s0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), s0);
             s1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), s1);
             acc[i] = _mm256_fmadd_ps(dv, _mm256_add_ps(s0, s1), acc[i]);
-            off[i] += m * sx[i * nb + b];
+            off[i] += m * sx[i * lds + b];
         }
     }
     for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]) + off[i];
 #else
-    float acc[4] = {0, 0, 0, 0};
+    float acc[4] = {0, 0, 0, 0}, off[4] = {0, 0, 0, 0};
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bb;
         const float d = f16_to_f32(load_u16(blk));
@@ -184,7 +201,7 @@ INLINE void row_q4(const int type, const uint8_t *row, const float *x, int64_t l
             float s = 0;
             for (int j = 0; j < 16; j++) s += (float)(q[j] & 15) * xb[j] + (float)(q[j] >> 4) * xb[j + 16];
             acc[i] += d * s;
-            off[i] += m * sx[i * nb + b];
+            off[i] += m * sx[i * lds + b];
         }
     }
     for (int i = 0; i < N; i++) out[i] = acc[i] + off[i];
@@ -299,35 +316,50 @@ INLINE void row_float(const int type, const uint8_t *row, const float *x, int64_
     for (int i = 0; i < N; i++) out[i] = tail[i];
 }
 
-INLINE void row_dot(const int type, const uint8_t *row, const float *x, int64_t ldx, const float *sx, int64_t cols,
-                    const int N, float *out) {
-    const int64_t nb = cols / QK;
+/* row . x_i over columns k0..k1 (whole blocks for the block types); sx: block sums, lds apart per row */
+INLINE void row_dot(const int type, const uint8_t *row, const float *x, int64_t ldx, const float *sx, int64_t lds,
+                    int64_t k0, int64_t k1, const int N, float *out) {
+    const int64_t b0 = k0 / QK, nb = (k1 - k0) / QK;
     switch (type) {
-    case T_Q4_0: row_q4(T_Q4_0, row, x, ldx, sx, nb, N, out); break;
-    case T_Q4_1: row_q4(T_Q4_1, row, x, ldx, sx, nb, N, out); break;
-    case T_Q8_0: row_q8_0(row, x, ldx, nb, N, out); break;
-    case T_F32: row_float(T_F32, row, x, ldx, cols, N, out); break;
-    default: row_float(T_BF16, row, x, ldx, cols, N, out); break;
+    case T_Q4_0: row_q4(T_Q4_0, row + b0 * 18, x + k0, ldx, sx ? sx + b0 : 0, lds, nb, N, out); break;
+    case T_Q4_1: row_q4(T_Q4_1, row + b0 * 20, x + k0, ldx, sx ? sx + b0 : 0, lds, nb, N, out); break;
+    case T_Q8_0: row_q8_0(row + b0 * 34, x + k0, ldx, nb, N, out); break;
+    case T_F32: row_float(T_F32, row + k0 * 4, x + k0, ldx, k1 - k0, N, out); break;
+    default: row_float(T_BF16, row + k0 * 2, x + k0, ldx, k1 - k0, N, out); break;
     }
 }
 
+#define ROW_GROUP 4 /* weight rows multiplied together, a column chunk at a time */
+#define COL_CHUNK 512 /* columns per chunk when several activation rows share it: theirs stay in L1 */
+
+/* Output rows r0..r1 of cf_gemv. One activation row: each weight row whole. Several: groups of
+   ROW_GROUP weight rows, each chunk of COL_CHUNK columns of up to 4 activation rows (8 kB) times
+   every row of the group, so the activations are read from L1 and the weights once from memory. */
 static void rows_range(int type, const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, int64_t cols,
                        const float *x, const float *sx, int64_t n, float *y, int64_t ldy, const float *bias) {
-    const int64_t nb = cols / QK;
-    float out[4];
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = w + r * row_bytes;
-        const float add = bias ? bias[r] : 0.0f;
+    const int64_t lds = cols / QK, chunk = n > 1 ? COL_CHUNK : cols;
+    float out[4], part[ROW_GROUP][4];
+    for (int64_t g0 = r0; g0 < r1; g0 += ROW_GROUP) {
+        const int64_t g1 = g0 + ROW_GROUP < r1 ? g0 + ROW_GROUP : r1;
         for (int64_t i0 = 0; i0 < n; i0 += 4) {
             const int64_t m = n - i0 < 4 ? n - i0 : 4;
-            const float *xi = x + i0 * cols, *si = sx ? sx + i0 * nb : 0;
-            switch (m) { /* constant N per call: the loops over rows unroll */
-            case 1: row_dot(type, row, xi, cols, si, cols, 1, out); break;
-            case 2: row_dot(type, row, xi, cols, si, cols, 2, out); break;
-            case 3: row_dot(type, row, xi, cols, si, cols, 3, out); break;
-            default: row_dot(type, row, xi, cols, si, cols, 4, out); break;
+            const float *xi = x + i0 * cols, *si = sx ? sx + i0 * lds : 0;
+            memset(part, 0, sizeof(part));
+            for (int64_t k0 = 0; k0 < cols; k0 += chunk) {
+                const int64_t k1 = k0 + chunk < cols ? k0 + chunk : cols;
+                for (int64_t r = g0; r < g1; r++) {
+                    const uint8_t *row = w + r * row_bytes;
+                    switch (m) { /* constant N per call: the loops over activation rows unroll */
+                    case 1: row_dot(type, row, xi, cols, si, lds, k0, k1, 1, out); break;
+                    case 2: row_dot(type, row, xi, cols, si, lds, k0, k1, 2, out); break;
+                    case 3: row_dot(type, row, xi, cols, si, lds, k0, k1, 3, out); break;
+                    default: row_dot(type, row, xi, cols, si, lds, k0, k1, 4, out); break;
+                    }
+                    for (int64_t i = 0; i < m; i++) part[r - g0][i] += out[i];
+                }
             }
-            for (int64_t i = 0; i < m; i++) y[(i0 + i) * ldy + r] = out[i] + add;
+            for (int64_t r = g0; r < g1; r++)
+                for (int64_t i = 0; i < m; i++) y[(i0 + i) * ldy + r] = part[r - g0][i] + (bias ? bias[r] : 0.0f);
         }
     }
 }
@@ -349,6 +381,7 @@ EXPORT int cf_gemv(int type, const void *w, int64_t row_bytes, int64_t rows, int
                 (type != T_F32 && type != T_BF16) || row_bytes < cols * (type == T_F32 ? 4 : 2))
         return -1;
     float *sx = 0;
+#if !defined(CF_AVX512) /* the AVX-512 loop folds the offsets into its tables */
     if (type == T_Q4_0 || type == T_Q4_1) { /* per activation row, the sum of each block */
         const int64_t nb = cols / QK;
         sx = (float *)malloc(sizeof(float) * (size_t)(n * nb));
@@ -359,6 +392,7 @@ EXPORT int cf_gemv(int type, const void *w, int64_t row_bytes, int64_t rows, int
             sx[i] = s;
         }
     }
+#endif
     const int nt = threads_for(rows * cols * (n < 4 ? n : 4), nthreads);
     if (nt == 1) {
         rows_range(type, (const uint8_t *)w, row_bytes, 0, rows, cols, x, sx, n, y, ldy, bias);

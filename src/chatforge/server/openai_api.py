@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
@@ -53,7 +53,7 @@ class ContentPart(StrictBody):
 
 
 class ChatMessage(StrictBody):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer system
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
     tool_calls: Optional[list[AssistantToolCall]] = None  # an assistant's earlier calls
@@ -207,9 +207,6 @@ def chat_messages(messages: list[ChatMessage], service: ModelService) -> list[di
             raise APIError(400, f"messages.{i} is {len(content)} characters, more than this server's limit of "
                                 f"{limits.max_message_chars} (--max-message-chars)", param=f"messages.{i}.content")
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant", "tool"):
-            raise APIError(400, f"messages.{i}.role {m.role!r} is not supported; use system, user, assistant or tool",
-                           param=f"messages.{i}.role")
         out.append({"role": role, "content": content, **_tool_fields(m, i)})
     return out
 

@@ -42,6 +42,7 @@ class Job:
         self.submitted = time.perf_counter()
         self.first_token_at: Optional[float] = None
         self.last_token_at: Optional[float] = None
+        self.counted = 0  # completion tokens already in the metrics (a speculative step gives several)
         self.cancelled = False
         self.outcome: Optional[str] = None
         self.error: Optional[str] = None
@@ -221,7 +222,8 @@ class Scheduler:
 
     def _record_token(self, job: Job, now: float) -> None:
         m = self.metrics
-        m.completion_tokens.inc()
+        m.completion_tokens.inc(job.request.completion_tokens - job.counted)
+        job.counted = job.request.completion_tokens
         if job.first_token_at is None:
             job.first_token_at = now
             m.ttft.observe(now - job.submitted)

@@ -33,7 +33,7 @@ class ModelService:
     """One model served: its names, context, chat formatting and batching scheduler."""
 
     def __init__(self, model, tokenizer, config: ServeConfig, metrics: Metrics, name: str):
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, speculative=config.speculation)
         self.tokenizer = tokenizer
         self.chat = ChatModel(self.engine)
         self.config = config

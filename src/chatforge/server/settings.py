@@ -30,6 +30,8 @@ class ServeConfig:
     dtype: Optional[str] = None  # fp32, bf16, fp16; None = the checkpoint's
     quantize: Optional[str] = None  # int8 or int4 weight-only linear layers; None = full precision
     threads: Optional[int] = None  # torch CPU threads; None = torch's default (tiny models run best on 1)
+    speculative: Optional[str] = None  # "ngram" or a draft model sharing the tokenizer (engine/speculative.py)
+    num_draft_tokens: Optional[int] = None  # tokens drafted per step with speculative; None = its default (5)
     max_batch: int = 16  # sequences decoded together in one forward pass
     max_queue: int = 64  # requests waiting for a batch slot; one more is answered 429 at once
     max_body_bytes: int = 1_000_000  # larger request bodies get 413
@@ -48,6 +50,7 @@ class ServeConfig:
                   ("max_tokens", self.max_tokens is None or self.max_tokens >= 1),
                   ("default_max_tokens", self.default_max_tokens >= 1), ("max_n", self.max_n >= 1),
                   ("threads", self.threads is None or self.threads >= 1),
+                  ("num_draft_tokens", self.num_draft_tokens is None or 1 <= self.num_draft_tokens <= 32),
                   ("shutdown_timeout", self.shutdown_timeout >= 0)]
         for name, ok in checks:
             if not ok:
@@ -55,6 +58,8 @@ class ServeConfig:
                                   f"(see `chatforge serve --help`)")
         if self.log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"unknown log_level {self.log_level!r}; use critical, error, warning, info or debug")
+        if self.num_draft_tokens is not None and self.speculative is None:
+            raise ConfigError("--num-draft-tokens needs --speculative ngram (or a draft model)")
         if self.quantize not in (None, "int8", "int4"):
             raise ConfigError(f"unknown quantize {self.quantize!r}; use int8 or int4 (or leave it out)")
         if self.api_key is None:
@@ -67,6 +72,16 @@ class ServeConfig:
             if not host or any(c in host for c in "/@ ") or not host.isascii():
                 raise ConfigError(f"--allowed-hosts: {host!r} is not a host name; give names such as "
                                   "chat.example.com or 192.168.1.5 (or * for any)")
+
+    @property
+    def speculation(self):
+        """The Engine's `speculative` argument: a SpeculativeConfig, or None (off)."""
+        if self.speculative is None:
+            return None
+        from chatforge.engine import SpeculativeConfig
+
+        extra = {} if self.num_draft_tokens is None else {"num_draft_tokens": self.num_draft_tokens}
+        return SpeculativeConfig(draft=self.speculative, **extra)
 
     @property
     def db_path(self) -> Path:
@@ -95,6 +110,9 @@ HELP = {
     "dtype": "fp32, bf16 or fp16 (default: the checkpoint's)",
     "quantize": "int8 or int4 weight-only linear layers (default: full precision)",
     "threads": "torch CPU threads (default: torch's choice; tiny models run best on 1)",
+    "speculative": "speculative decoding: ngram (drafts copied from the prompt and reply) or a draft model sharing "
+                   "the tokenizer; the same replies, several tokens per forward pass (default: off)",
+    "num_draft_tokens": "tokens drafted per step with --speculative (1-32, default 5)",
     "max_batch": "sequences decoded together in one forward pass (default 16)",
     "max_queue": "requests that may wait for a batch slot; more get 429 at once (default 64)",
     "max_body_bytes": "larger request bodies get 413 (default 1000000)",

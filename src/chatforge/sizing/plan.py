@@ -40,6 +40,9 @@ from chatforge.utils import human_bytes
 TOKENS_PER_PARAM = 20  # Chinchilla (Hoffmann et al., 2022)
 # bytes per weight: int4 adds a bf16 scale and zero point per group of 64 weights
 BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 64}
+# where chatforge's kernels decode (a CPU with them built), int8 and int4 are ggml's Q8_0 and Q4_1 blocks:
+# 32 weights with an fp16 scale (and, Q4_1, an fp16 minimum)
+KERNEL_BYTES = {"fp32": 4, "bf16": 2, "int8": 34 / 32, "int4": 20 / 32}
 QUANTIZED = ("int8", "int4")  # weight-only: activations and the KV cache stay bf16 (fp32 without bf16)
 HEADROOM = 0.9  # something fits when it needs at most 90% of the memory: the OS and allocator need the rest
 LOAD_OVERHEAD = 5_000_000  # bytes beyond the weights when loading: measured 4.5-4.7 MB on CPU
@@ -174,8 +177,8 @@ def lora_params(cfg: ModelConfig, rank: int) -> int:
 
 # --- memory ------------------------------------------------------------------------------------------
 
-def load_bytes(params: int, dtype: str) -> int:
-    return int(params * BYTES[dtype]) + LOAD_OVERHEAD
+def load_bytes(params: int, dtype: str, per_weight: Optional[dict[str, float]] = None) -> int:
+    return int(params * (per_weight or BYTES)[dtype]) + LOAD_OVERHEAD
 
 
 def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int) -> int:
@@ -196,21 +199,38 @@ def finetune_memory(cfg: ModelConfig, params: int, batch: int, seq: int, bf16: b
     return {"full": full, "lora": lora}
 
 
-def _kv_bytes(dtype: str, machine: Machine) -> int:
-    """Bytes per cached key/value element: the activations' dtype (a quantized model's is bf16 or fp32)."""
+def _kv_bytes(dtype: str, machine: Machine, kernels_used: bool = False) -> int:
+    """Bytes per cached key/value element: the activations' dtype (a quantized model's is bf16 or fp32;
+    fp32 where chatforge's kernels decode, which take fp32 rows)."""
     if dtype in QUANTIZED:
-        return 2 if machine.bf16 else 4
+        return 2 if machine.bf16 and not kernels_used else 4
     return int(BYTES[dtype])
+
+
+def decode_kernels(machine: Machine, check: bool = True) -> tuple[str, bool]:
+    """(what multiplies a decoding step's rows on `machine`, whether it is chatforge's own kernels). On this
+    CPU chatforge's GEMV over ggml blocks when they are built (checking may build them: about a second,
+    once); check=False does not look and assumes torch's."""
+    if machine.gpu_gb is not None:
+        return "torch's (on the GPU)", False
+    if not check:
+        return "torch's (not checked)", False
+    from chatforge import kernels
+
+    if kernels.available():
+        return f"chatforge's kernels ({kernels.status()}): int4 as Q4_1 blocks, int8 as Q8_0", True
+    return f"torch's (chatforge's kernels {kernels.status()})", False
 
 
 # --- speed -----------------------------------------------------------------------------------------------
 
-def generation_tokens_per_s(cfg: ModelConfig, params: int, dtype: str, machine: Machine) -> float:
+def generation_tokens_per_s(cfg: ModelConfig, params: int, dtype: str, machine: Machine,
+                            per_weight: Optional[dict[str, float]] = None) -> float:
     """Batch-1 decoding: each token reads every weight (but only one row of the embeddings it looks up)."""
     read = params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd)
     read -= cfg.block_size * cfg.n_embd if cfg.pos_encoding == "learned" else 0
     flops = machine.tflops_fp32 if dtype == "fp32" else machine.tflops_bf16
-    seconds = max(read * BYTES[dtype] / (machine.bandwidth_gbs * GB), 2.0 * params / (flops * 1e12))
+    seconds = max(read * (per_weight or BYTES)[dtype] / (machine.bandwidth_gbs * GB), 2.0 * params / (flops * 1e12))
     return 1.0 / (seconds + machine.step_overhead_s + cfg.n_layer * machine.layer_overhead_s)
 
 
@@ -234,6 +254,7 @@ class Plan:
     pretrain: dict[str, float]  # tokens, flops, seconds, tokens_per_s
     presets: list[dict[str, Any]]  # per preset: params and bytes to load / LoRA / fully fine-tune, fits
     recommend: dict[str, Optional[str]]  # inference | lora | full_finetune -> the largest preset that fits
+    kernels: str = "torch's"  # what multiplies a decoding step's rows (decode_kernels)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": {**dataclasses.asdict(self.model), "config": self.model.config.to_dict()},
@@ -273,9 +294,12 @@ def plan(model: str | int | ModelConfig | dict, *, ram_gb: Optional[float] = Non
     cfg, n = spec.config, spec.params
     seq = seq_len or min(cfg.block_size, 2048)
 
-    load = {dtype: {"bytes": load_bytes(n, dtype), "fits": _fits(load_bytes(n, dtype), machine),
-                    "tokens_per_s": generation_tokens_per_s(cfg, n, dtype, machine),
-                    "kv_cache_bytes_per_1k": kv_cache_bytes(cfg, 1000, _kv_bytes(dtype, machine))} for dtype in BYTES}
+    kernels, ours = decode_kernels(machine, check=measure)
+    per_weight = KERNEL_BYTES if ours else BYTES
+    load = {dtype: {"bytes": load_bytes(n, dtype, per_weight), "fits": _fits(load_bytes(n, dtype, per_weight), machine),
+                    "tokens_per_s": generation_tokens_per_s(cfg, n, dtype, machine, per_weight),
+                    "kv_cache_bytes_per_1k": kv_cache_bytes(cfg, 1000, _kv_bytes(dtype, machine, ours))}
+            for dtype in BYTES}
 
     train_rate = (machine.tflops_bf16 if machine.bf16 else machine.tflops_fp32) * 1e12 * mfu
     per_token = training_flops_per_token(cfg, n, seq)
@@ -303,7 +327,7 @@ def plan(model: str | int | ModelConfig | dict, *, ram_gb: Optional[float] = Non
     for goal, key in (("inference", "load_fits"), ("lora", "lora_fits"), ("full_finetune", "full_fits")):
         fitting = [r for r in presets if r[key]]
         recommend[goal] = max(fitting, key=lambda r: r["params"])["preset"] if fitting else None
-    return Plan(spec, machine, batch_size, seq, lora_rank, mfu, load, finetune, pretrain, presets, recommend)
+    return Plan(spec, machine, batch_size, seq, lora_rank, mfu, load, finetune, pretrain, presets, recommend, kernels)
 
 
 # --- printing ------------------------------------------------------------------------------------------------
@@ -348,8 +372,8 @@ def format_plan(p: Plan) -> str:
         f"{'  KV cache per 1k tokens':<30}" + "".join(f"{human_bytes(p.load[d]['kv_cache_bytes_per_1k']):>12}"
                                                        for d in BYTES),
         f"{'  generation tokens/s':<30}" + "".join(f"{_speed(p.load[d]['tokens_per_s']):>12}" for d in BYTES),
-        f"{'':<30}int8/int4: their memory-bandwidth bound; on a 2-core CPU torch's quantized",
-        f"{'':<30}kernels reached about 30% of it (docs/benchmarks.md, B2)",
+        f"{'':<30}each one's memory-bandwidth bound (docs/benchmarks.md, B2: the share reached)",
+        f"{'  decoded by':<30}{p.kernels}",
         "",
         f"{f'fine-tune: batch {p.batch_size} x {p.seq_len} tokens, ' + ('bf16' if m.bf16 else 'fp32'):<50}"
         f"{'full':>12}{f'LoRA r={p.lora_rank}':>12}",

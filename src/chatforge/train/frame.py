@@ -166,5 +166,6 @@ def new_model(config: ModelConfig, tok: Tokenizer, seed: int) -> Transformer:
     return Transformer(config)
 
 
-__all__ = ["run_training", "check_out_dir", "resume_point", "resumed_config", "starting_point", "save_and_prepare", "new_model",
+__all__ = ["run_training", "check_out_dir", "resume_point", "resumed_config", "starting_point", "save_and_prepare",
+           "new_model",
            "VOCAB_MULTIPLE"]

@@ -75,8 +75,8 @@ def step_memory(model: torch.nn.Module, *, tokens: int, loss_tokens: Optional[in
     return parts
 
 
-def check_step_memory(model: torch.nn.Module, objective, config: TrainConfig, device: torch.device,
-                      *, flags: str = "--batch-size, --block-size") -> Optional[dict[str, int]]:
+def check_step_memory(model: torch.nn.Module, objective, config: TrainConfig,
+                      device: torch.device) -> Optional[dict[str, int]]:
     """Refuse, before the first step, a run whose step will not fit in the memory this process can
     still use on `device` ($CHATFORGE_MEMORY_LIMIT caps it): a one-line ConfigError that says how
     much it needs and what to lower. Objectives that do not know their step's shape are not checked."""
@@ -96,8 +96,9 @@ def check_step_memory(model: torch.nn.Module, objective, config: TrainConfig, de
                "gradients": "mostly gradients of the trainable weights",
                "optimizer": "mostly the optimizer's state of the trainable weights"}[biggest]
         raise ConfigError(f"one training step needs about {human_bytes(total)} more memory ({why}) but only "
-                          f"{human_bytes(room)} is available; lower {flags} (now {config.batch_size} rows per "
-                          f"micro-batch; raise --grad-accum to keep the batch the same){_lora_hint(model)}")
+                          f"{human_bytes(room)} is available; lower --batch-size, --block-size (now "
+                          f"{config.batch_size} rows per micro-batch; raise --grad-accum to keep the batch the "
+                          f"same){_lora_hint(model)}")
     return need
 
 

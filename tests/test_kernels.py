@@ -1,0 +1,297 @@
+"""chatforge's CPU kernels (chatforge.kernels) against plain torch references, on whatever CPU runs them.
+
+Every variant this CPU can run is built and checked (AVX-512, AVX2, plain C), not only the one in use,
+so an AVX-512 machine tests the AVX2 code too; under ATEN_CPU_CAPABILITY=avx2 the choice follows torch's.
+Stated tolerances: a GEMV output within 1e-5 of sum |w x| (fp32 accumulation of at most ~1k products,
+against a float64 reference of the dequantized weights); the small ops within 1e-5 relative (RMSNorm,
+rotary, attention) or 1e-6 absolute (SwiGLU's exp is a polynomial); a model's logits within 1e-4 of its
+largest, and its greedy tokens equal, between the kernels and the torch reference path.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gguf
+
+from chatforge import kernels, loader
+from chatforge.chat.template import CHATML_TEMPLATE
+from chatforge.engine import Engine
+from chatforge.kernels import build, ggml
+from chatforge.quantize import GGMLLinear
+from chatforge.tokenizer import Tokenizer
+from test_gguf import TEXT, random_model, tiny_config, write_gguf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KINDS = ["Q4_0", "Q4_1", "Q8_0", "F32", "BF16"]
+
+
+def variant(isa: str) -> kernels.Kernels:
+    """Variant `isa` built here; skipped (with the reason) where this CPU or machine cannot have it."""
+    if isa not in build.supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    try:
+        return kernels.variant(isa)
+    except build.BuildError as e:
+        pytest.skip(f"the kernels cannot be built here: {e}")
+
+
+def random_weight(kind: str, rows: int, cols: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored weight, its fp32 values): random ggml blocks (any bytes for the integers, finite fp16 scales
+    and minima of both signs), or a random fp32 / bf16 matrix."""
+    if kind == "F32":
+        w = torch.randn(rows, cols, generator=g)
+        return w, w
+    if kind == "BF16":
+        w = torch.randn(rows, cols, generator=g).bfloat16()
+        return w, w.float()
+    blocks = torch.randint(0, 256, (rows, ggml.row_bytes(kind, cols)), generator=g, dtype=torch.uint8)
+    view = blocks.view(rows, cols // 32, ggml.BLOCK_BYTES[kind])
+    for at in (0, 2) if kind == "Q4_1" else (0,):
+        scale = (torch.randn(rows, cols // 32, 1, generator=g) * 0.02).half()
+        view[..., at:at + 2] = scale.view(torch.uint8)
+    return blocks, ggml.dequantize(blocks, kind, cols)
+
+
+# --- the block formats in torch (the reference) -----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_ggml_reference_reads_and_writes_what_the_gguf_package_does(kind):
+    """ggml.dequantize reads blocks the gguf package (maintained with llama.cpp) wrote exactly as it
+    reads them back; ggml.quantize writes blocks it reads, within half a step of each block."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 96, generator=g)
+    theirs = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[kind])
+    assert torch.equal(ggml.dequantize(torch.from_numpy(theirs), kind, 96),
+                       torch.from_numpy(gguf.quants.dequantize(theirs, gguf.GGMLQuantizationType[kind])))
+    ours = ggml.quantize(w, kind)
+    back = torch.from_numpy(gguf.quants.dequantize(ours.numpy(), gguf.GGMLQuantizationType[kind]))
+    assert torch.equal(back, ggml.dequantize(ours, kind, 96))
+    blocks = w.view(37, 3, 32)
+    amax = blocks.abs().amax(-1)
+    # each format's step d; the error is at most half of it (Q4_0: a whole one on the clamped side)
+    step = {"Q8_0": amax / 127, "Q4_1": (blocks.amax(-1) - blocks.amin(-1)) / 15, "Q4_0": amax / 8}[kind]
+    assert torch.all((back - w).view(37, 3, 32).abs() <= step[..., None] * (1.0 if kind == "Q4_0" else 0.51) + 1e-6)
+
+
+def test_q4_1_from_affine_keeps_values():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (5, 64), generator=g, dtype=torch.uint8)
+    scale, offset = (torch.randn(5, 2, generator=g) * 0.1).half().float(), (torch.randn(5, 2, generator=g)).half().float()
+    w = (q.float().view(5, 2, 32) * scale[..., None] + offset[..., None]).view(5, 64)
+    assert torch.equal(ggml.dequantize(ggml.q4_1_from_affine(q, scale, offset), "Q4_1", 64), w)
+
+
+# --- the kernels against the reference -------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", build.ISAS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gemv_matches_dequantize_then_matmul(isa, kind):
+    """Odd shapes, 1..9 rows of activations (the 4-row unrolled groups and their remainders), with and
+    without a bias, on one thread and on two (a matrix large enough to be split)."""
+    k = variant(isa)
+    g = torch.Generator().manual_seed(KINDS.index(kind))
+    for rows, cols, threads in ((1, 32, 1), (7, 96, 1), (77, 160, 1), (301, 1024, 2)):
+        stored, w = random_weight(kind, rows, cols, g)
+        for n in (1, 2, 3, 4, 5, 9):
+            x = torch.randn(n, cols, generator=g)
+            bias = torch.randn(rows, generator=g) if n % 2 else None
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                y = k.linear(x, stored, kind, rows, cols, bias)
+            finally:
+                torch.set_num_threads(before)
+            ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+            bound = 1e-5 * (x.double().abs() @ w.double().abs().T) + 1e-6
+            assert y.shape == (n, rows) and torch.all((y.double() - ref).abs() <= bound), (rows, cols, n)
+
+
+@pytest.mark.parametrize("isa", build.ISAS)
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_dequantize_matches_reference(isa, kind):
+    k = variant(isa)
+    stored, w = random_weight(kind, 45, 96, torch.Generator().manual_seed(2))
+    assert torch.equal(k.dequantize(stored, kind, 96), w)
+    idx = torch.tensor([[44, 0], [7, 7]])
+    assert torch.equal(k.dequantize(stored, kind, 96, rows=idx).view(2, 2, 96), w[idx])
+
+
+@pytest.mark.parametrize("isa", build.ISAS)
+def test_small_ops_match_torch(isa):
+    k = variant(isa)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(3, 5, 72, generator=g), torch.randn(72, generator=g)
+    rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert torch.allclose(k.rmsnorm(x, w, 1e-5), rms * w, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(k.rmsnorm(x, w, 1e-5, plus_one=True), rms * (1 + w), rtol=1e-5, atol=1e-6)
+    h = torch.randn(2, 3, 2 * 40, generator=g) * 4
+    gate, up = h.chunk(2, dim=-1)
+    assert torch.allclose(k.swiglu(h), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    # rotary in place on a strided view, as the qkv projection's output is split into heads
+    from chatforge.model import apply_rope, rope_cos_sin
+
+    qkv = torch.randn(2, 3, 4 * 16, generator=g)
+    q = qkv.view(2, 3, 4, 16).transpose(1, 2)
+    cos, sin = rope_cos_sin(torch.tensor([[3, 4, 5], [0, 1, 2]]), 16, 10000.0)
+    expected = apply_rope(q, cos, sin)
+    k.rope_(q, cos, sin)
+    assert torch.allclose(q, expected, rtol=1e-5, atol=1e-6)
+
+
+def reference_attention(q, k, v, mask, scale, causal):
+    """softmax(q k^T * scale) v in float64, key/value heads repeated, mask (B, 1, Tq, S) or causal."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1).double(), v.repeat_interleave(group, 1).double()
+    scores = q.double() @ k.transpose(-1, -2) * scale
+    Tq, S = q.shape[2], k.shape[2]
+    allowed = torch.ones(Tq, S, dtype=torch.bool).tril(S - Tq) if causal else torch.ones(Tq, S, dtype=torch.bool)
+    if mask is not None:
+        allowed = allowed & mask
+    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).float()
+
+
+@pytest.mark.parametrize("isa", build.ISAS)
+@pytest.mark.parametrize("tq,masked,causal", [(1, False, False), (1, True, False), (3, False, True), (3, True, False)])
+def test_attention_matches_reference(isa, tq, masked, causal):
+    """Grouped heads (6 queries over 2 key/value heads), keys read from a cache's strided views."""
+    kern = variant(isa)
+    g = torch.Generator().manual_seed(4)
+    B, H, KVH, S, D = 2, 6, 2, 11, 16
+    q = torch.randn(B, tq, H, D, generator=g).transpose(1, 2)
+    cache_k, cache_v = (torch.randn(B, KVH, 20, D, generator=g) for _ in range(2))
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+    mask = torch.rand(B, 1, tq, S, generator=g) > 0.3 if masked else None
+    if mask is not None:
+        mask[..., -1] = True  # every query sees some key
+    out = kern.attention(q, k, v, mask, 0.25, causal=causal)
+    assert torch.allclose(out, reference_attention(q, k, v, mask, 0.25, causal), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", build.ISAS)
+@pytest.mark.parametrize("norms", [False, True])
+def test_attention_step_matches_its_torch_lines(isa, norms):
+    """The fused step (per-head norms, rotary, cache write, attention) equals the torch lines it stands for."""
+    from chatforge.model import apply_rope, rope_cos_sin
+
+    kern = variant(isa)
+    g = torch.Generator().manual_seed(5)
+    B, T, H, KVH, D, start = 2, 2, 4, 2, 16, 5
+    qkv = torch.randn(B, T, (H + 2 * KVH) * D, generator=g)
+    cache_k, cache_v = (torch.randn(B, KVH, 12, D, generator=g) for _ in range(2))
+    weights = (torch.randn(D, generator=g), torch.randn(D, generator=g), 1e-6, False) if norms else None
+    cos, sin = rope_cos_sin(torch.arange(start, start + T).expand(B, T), D, 10000.0)
+    mask = torch.ones(B, 1, T, start + T, dtype=torch.bool)
+    mask[0, ..., :2] = False  # row 0 was left-padded
+    mask[..., 0, -1] = False  # the first new token does not see the second
+
+    q, k, v = qkv.clone().split([H * D, KVH * D, KVH * D], dim=-1)
+    q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+    if norms:
+        def norm(t, w):
+            return w * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6))
+        q, k = norm(q, weights[0]), norm(k, weights[1])
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = cache_k.clone(), cache_v.clone()
+    keys[:, :, start:start + T], values[:, :, start:start + T] = k, v
+    expected = reference_attention(q, keys[:, :, :start + T], values[:, :, :start + T], mask, 0.25, False)
+
+    out = kern.attention_step(qkv, H, KVH, D, (cos, sin), cache_k, cache_v, start, mask, False, 0.25, weights)
+    assert torch.allclose(cache_k, keys, rtol=1e-5, atol=1e-6) and torch.equal(cache_v, values)
+    assert torch.allclose(out, expected.transpose(1, 2).reshape(B, T, H * D), rtol=1e-5, atol=1e-5)
+
+
+# --- choosing, building, falling back --------------------------------------------------------------
+
+def test_variant_follows_what_the_cpu_and_torch_are_told(monkeypatch):
+    have = build.supported_isas()
+    assert have[-1] == "generic" and "generic" in have
+    monkeypatch.delenv(build.ENV, raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert build.chosen_isa() == "generic"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert build.chosen_isa() == ("avx2" if "avx2" in have else "generic")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    assert build.chosen_isa() == have[0]
+    monkeypatch.setenv(build.ENV, "generic")
+    assert build.chosen_isa() == "generic"
+
+
+def test_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATFORGE_HOME", str(tmp_path))
+    try:
+        path = build.library_path("generic")
+    except build.BuildError as e:
+        pytest.skip(f"no kernels here: {e}")
+    assert path.parent == tmp_path / "kernels" and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert build.library_path("generic") == path and path.stat().st_mtime_ns == stamp  # not rebuilt
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """The process as if chatforge's kernels were off (CHATFORGE_KERNELS=0), restored afterwards."""
+    monkeypatch.setenv(build.ENV, "0")
+    kernels.reset()
+    yield
+    monkeypatch.delenv(build.ENV, raising=False)
+    kernels.reset()
+
+
+def test_off_switch_and_missing_compiler_fall_back_to_torch(no_kernels, monkeypatch, tmp_path):
+    assert kernels.get() is None and "off" in kernels.status()
+    monkeypatch.delenv(build.ENV)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang either
+    monkeypatch.setenv("CHATFORGE_HOME", str(tmp_path))  # nothing built before
+    build.compiler.cache_clear()
+    kernels.variant.cache_clear()
+    kernels.reset()
+    try:
+        assert kernels.get() is None and "no C compiler" in kernels.status()
+    finally:
+        build.compiler.cache_clear()
+        kernels.variant.cache_clear()
+
+
+# --- whole models: the kernel path against the torch path -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    t = Tokenizer.train_bpe(TEXT, vocab_size=301, show_progress=False)
+    t.chat_template = CHATML_TEMPLATE
+    return t
+
+
+def generate(path, tok, prompts, **load_kw) -> tuple[list[list[int]], torch.Tensor, torch.nn.Module]:
+    """Greedy tokens of each prompt (one batch, left-padded), the first prompt's decoding logits, the model."""
+    model, _ = loader.load(path, device="cpu", **load_kw)
+    engine = Engine(model, tok)
+    out = engine.generate(prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=[], trace=False)
+    [one] = engine.generate(prompts[0], max_new_tokens=4, temperature=0.0, stop_token_ids=[], trace=True)
+    return [g.token_ids for g in out], torch.stack([s.logits for s in one.trace]), model
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "Q4_0"), ("qwen2", "Q8_0"), ("qwen3", "Q4_1"), ("gemma3", "Q4_1")])
+def test_gguf_model_decodes_the_same_with_and_without_kernels(arch, kind, tok, tmp_path, monkeypatch):
+    """Blocks kept and multiplied by the kernels (GGMLLinear; fused attention step, norms, SwiGLU) against
+    the same file dequantized to fp32 and run on torch's ops alone: the same greedy tokens for a batch of
+    prompts of different lengths (padding masks), and close decoding logits."""
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.status()}")
+    path = tmp_path / "m.gguf"
+    write_gguf(path, random_model(tiny_config(arch, tok.vocab_size), seed=3), arch, tok, kind)
+    prompts = [[5, 17, 42, 7, 99, 3], [250, 12], [64, 31, 8, 200, 11]]
+    fast, fast_logits, model = generate(path, tok, prompts)
+    assert any(isinstance(m, GGMLLinear) for m in model.modules())
+    monkeypatch.setenv(build.ENV, "0")
+    kernels.reset()
+    try:
+        slow, slow_logits, reference = generate(path, tok, prompts, dtype="fp32")
+    finally:
+        monkeypatch.delenv(build.ENV)
+        kernels.reset()
+    assert not any(isinstance(m, GGMLLinear) for m in reference.modules())
+    assert fast == slow
+    assert (fast_logits - slow_logits).abs().max() <= 1e-4 * slow_logits.abs().max()
