@@ -22,7 +22,7 @@ PARAGRAPH = (
     "kept notebooks full of colour studies made on the shore. Some say the true colour of the sea is green; "
     "others say it has no colour of its own at all and only reflects the sky above it.")
 INSTRUCTION = "Repeat the following text with every 'colour' changed to 'color':\n\n"
-DRAFTS = (3, 5, 8)  # numbers of drafted tokens tried
+DRAFTS = (3, 5, 7)  # numbers of drafted tokens tried (k + 1 <= 8 rows: quantize.GEMV_MAX_ROWS)
 DEFAULT_K = 5  # SpeculativeConfig's default
 
 

@@ -23,6 +23,14 @@
 # the model sat on the unigram plateau for the whole 29-minute budget (MLM accuracy 14%: it predicts frequent
 # tokens, not the words in context); rotary positions let attention use word order from the first step, and the
 # larger batch and learning rate do the rest: the plateau ends near step 200.
+#
+# Reference run (2 torch threads on a 2-core AMD EPYC shared with other jobs): pre-training 1,300 steps took 33 min
+# (masked-LM accuracy 29.4%, next-sentence 77.7% on held-out paragraphs).
+# Test split (558 messages, 75 spam):     accuracy  macro-F1
+#   pre-trained, all 4,458 training SMS     0.9875    0.9729
+#   random init, all 4,458 training SMS     0.9928    0.9849
+#   pre-trained, 312 training SMS           0.9803    0.9583
+#   random init, 312 training SMS           0.9731    0.9444
 set -euo pipefail
 STAGES=${STAGES:-split pretrain finetune scratch few}
 if [ $# -lt 2 ]; then

@@ -189,6 +189,18 @@ def test_grammar_rows_and_traced_batches_decode_plainly(model, tok, plain):
     assert ids(traced) == ids(want[1:]) and len(traced[0].trace) == GREEDY.max_new_tokens
 
 
+def test_a_large_batch_drafts_less(model, tok, plain):
+    """A pass checks at most max_rows tokens of the whole batch (by default what the model's decoding kernels
+    take at a step's cost): 3 rows under max_rows=8 draft one token each, under max_rows=5 none."""
+    want = plain.generate(PROMPTS, GREEDY)
+    for rows, most in ((8, 1), (5, 0)):
+        spec = Engine(model, tok, speculative=SpeculativeConfig("ngram", max_rows=rows))
+        same(spec.generate(PROMPTS, GREEDY), want)
+        stats = spec.speculator.stats
+        assert stats.drafted <= most * 3 * stats.passes and stats.plain > 0
+    assert Engine(model, tok, speculative="ngram").speculator.rows == 64  # fp32: the step kernels' rows
+
+
 def test_a_draft_model_with_another_vocabulary_is_refused(model, tok):
     other = Tokenizer.train_char(["something else entirely"])
     with pytest.raises(ChatforgeError, match="vocabulary") as e:
@@ -280,8 +292,9 @@ def test_sampled_replies_follow_the_models_distribution(tok, toy, drafter, setti
     target, draft = toy
     config = GenerationConfig(max_new_tokens=DEPTH, stop_token_ids=[], **SETTINGS[settings])
     expected = exact_distribution(target, TOY_PROMPT, config)
-    spec = {"plain sampler": None, "ngram": SpeculativeConfig("ngram", num_draft_tokens=3),
-            "draft model": SpeculativeConfig((draft, tok), num_draft_tokens=3)}[drafter]
+    big = 4 * SAMPLES  # every row of the big batch drafts (by default a batch this large would not)
+    spec = {"plain sampler": None, "ngram": SpeculativeConfig("ngram", num_draft_tokens=3, max_rows=big),
+            "draft model": SpeculativeConfig((draft, tok), num_draft_tokens=3, max_rows=big)}[drafter]
     engine = Engine(target, tok, speculative=spec)
     got = sampled(engine, config)
     if spec is not None:

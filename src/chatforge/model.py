@@ -37,7 +37,7 @@ def step_kernels(x: torch.Tensor, rows: int = _STEP_ROWS, dtypes: tuple = (torch
     """chatforge's CPU kernels when `x` is a decoding step's few rows (at most `rows`) outside autograd, in
     one of `dtypes`, else None: torch's ops then (training, a prefill, another device, no kernels here)."""
     if (x.dtype in dtypes and x.numel() <= rows * x.shape[-1] and x.device.type == "cpu"
-            and not torch.is_grad_enabled()):
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):  # compiled: torch's ops
         return kernels.get()
     return None
 

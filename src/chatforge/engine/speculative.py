@@ -59,6 +59,9 @@ class SpeculativeConfig:
     draft: Union[str, tuple] = "ngram"
     num_draft_tokens: int = 5  # k: tokens drafted per row and step
     ngram: int = 3  # prompt lookup matches the row's last `ngram` tokens, then fewer, down to one
+    # tokens one verification pass may check for the whole batch; None = what the model's decoding kernels take
+    # at about a decoding step's cost (rows_per_pass): a large batch then drafts fewer tokens per row, or none
+    max_rows: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not ((isinstance(self.draft, str) and self.draft.strip()) or
@@ -69,6 +72,8 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and 1 <= value <= top):
                 raise ConfigError(f"{name} must be an integer from 1 to {top}, got {value!r}")
+        if self.max_rows is not None and not (isinstance(self.max_rows, numbers.Integral) and self.max_rows >= 2):
+            raise ConfigError(f"max_rows must be an integer of at least 2 or None, got {self.max_rows!r}")
 
     @classmethod
     def of(cls, spec: Union[str, "SpeculativeConfig"], **options) -> "SpeculativeConfig":
@@ -112,6 +117,7 @@ class Speculator:
         else:
             self.drafter = ModelDrafter(engine, *_draft_model(engine, self.config.draft))
         self.stats = SpeculationStats()
+        self.rows = self.config.max_rows or rows_per_pass(engine.model, engine.device)
         self._params: tuple = (0, None, None)  # (n, the batch's SamplingParams, each row's repeated n times)
 
     def budget(self, request) -> int:
@@ -123,7 +129,9 @@ class Speculator:
     def step(self, state) -> list:
         """One decoding step of `state` (prefilled, cached): a verification pass where any row has drafts,
         else the plain step."""
-        budgets = [0 if state._tracing else self.budget(r) for r in state.requests]
+        # rows x positions a pass may check at about a decoding step's cost: fewer drafts in a large batch
+        room = 0 if state._tracing else self.rows // len(state.requests) - 1
+        budgets = [min(room, self.budget(r)) for r in state.requests]
         proposal = self.drafter.propose(state, budgets) if any(budgets) else None
         width = max(len(d) for d in proposal.tokens) if proposal is not None else 0
         state.cache = with_room(state.cache, width + 1, max(r.remaining for r in state.requests))
@@ -285,6 +293,21 @@ class Speculator:
         if len(keep) < len(rows):
             state._keep(keep)
         return out
+
+
+def rows_per_pass(model, device: torch.device) -> int:
+    """How many rows (tokens of all the batch's rows) a forward pass takes before it stops costing about one
+    decoding step: on a CPU, what the model's decoding kernels take in one sweep (the quantized layers' limits,
+    else the step kernels' _STEP_ROWS); past it a layer is widened for a GEMM, several times slower."""
+    if device.type != "cpu":
+        return 256
+    from chatforge import quantize
+    from chatforge.model import _STEP_ROWS
+
+    limits = {quantize.GGMLLinear: quantize.GEMV_MAX_ROWS, quantize.Int8Linear: quantize.INT8_MM_MAX_ROWS,
+              quantize.Int4Linear: quantize.INT4_MM_MAX_ROWS}
+    kinds = {type(m) for m in model.modules()}
+    return min((rows for kind, rows in limits.items() if kind in kinds), default=_STEP_ROWS)
 
 
 def _agree(values: Sequence, expected: Sequence) -> int:
