@@ -39,7 +39,8 @@ TOOLS_TEMPLATE = (
     "{% if tools %}<|im_start|>system\nFunctions:\n{% for t in tools %}{{ t.function.name }} "
     "{{ t.function.parameters | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
     "{% for m in messages %}{% if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n"
-    "{% for c in m.tool_calls %}<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}"
+    "{% for c in m.tool_calls %}<tool_call>\n"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}"
     "\n</tool_call>{% endfor %}<|im_end|>\n"
     "{% elif m.role == 'tool' %}<|im_start|>tool\n{{ m.content }}<|im_end|>\n"
     "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
@@ -145,7 +146,8 @@ def test_bad_tool_specs_name_the_field(tools, choice, param):
 HISTORY = [
     {"role": "user", "content": "Weather in Rome, then set an alarm at 7?"},
     {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome", "days": 1}'}},
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Rome", "days": 1}'}},
         {"id": "call_2", "type": "function", "function": {"name": "set_alarm", "arguments": '{"hour": 7}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24C"},
     {"role": "tool", "tool_call_id": "call_2", "content": "alarm set"},

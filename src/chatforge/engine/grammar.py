@@ -275,8 +275,12 @@ def allowed_tokens(matchers: Sequence[Matcher]) -> np.ndarray:
     for k, m in enumerate(matchers):
         if m.stop_ids.size:
             allowed[k, m.stop_ids[m.stop_ids < owner.vocab]] = may_end[k]
-        if not allowed[k].any():  # nothing allowed (the matcher broke): leave the row free; it ends next step
-            allowed[k] = True
+        if not allowed[k].any():  # nothing allowed (a broken matcher): end the row if it can end, else free it
+            stops = m.stop_ids[m.stop_ids < owner.vocab]
+            if stops.size:
+                allowed[k, stops] = True
+            else:
+                allowed[k] = True
     return allowed
 
 
