@@ -21,6 +21,7 @@ Per model, mode and thread count (1 and 2: llama.cpp's n_threads = torch's threa
   "end-to-end" = 128 / the whole call, prefill included (B2's figure). Greedy = argmax of the logits
   on both sides; both sides step once per token.
 - prefill: a 512-token prompt until its first token.
+  The 1B-class file decodes 8x slower: 32 new tokens and a 128-token prefill there.
 - the memory-bandwidth bound: read bandwidth (benchmarks/common.memory_bandwidth: the time to sum a
   1 GiB fp32 tensor in torch, best of 3, on the same number of threads) / the weight bytes a decoding
   step reads (the file's tensors for llama.cpp; the model's tensors in memory for chatforge).
@@ -320,11 +321,12 @@ def measure_file(label: str, path: Path, peer: Optional[LlamaCpp], threads: list
     return result
 
 
-def files(quick: bool, work: Path) -> dict[str, Path]:
-    """{label: GGUF path}: SmolLM2-135M's file (pulled from the catalogue) and the random 1B-class one;
+def files(quick: bool, work: Path) -> dict[str, tuple[Path, tuple[int, int, int]]]:
+    """{label: (GGUF path, (prompt, new, prefill) tokens)}: SmolLM2-135M's file (pulled from the catalogue)
+    and the random 1B-class one, whose decoding is 8x slower (so 32 new tokens, a 128-token prefill);
     in a quick run a tiny random file only."""
     if quick:
-        return {"tiny random Q4_0 (quick)": random_gguf(work / random_gguf_name(TINY, None), TINY)}
+        return {"tiny random Q4_0 (quick)": (random_gguf(work / random_gguf_name(TINY, None), TINY), QUICK_SIZES)}
     from chatforge import catalog
 
     try:
@@ -332,9 +334,9 @@ def files(quick: bool, work: Path) -> dict[str, Path]:
     except catalog.ModelUnavailable as e:
         raise PeerUnavailable(f"smollm2 cannot be had here ({e.why})") from e
     bench = cache_dir() / "bench"
-    return {"SmolLM2-135M-Instruct Q4_1": smollm2,
-            "1B-class (Llama-3.2-1B shape), random Q4_0": random_gguf(bench / random_gguf_name(LLAMA_1B, smollm2),
-                                                                     LLAMA_1B, tokenizer_from=smollm2)}
+    big = random_gguf(bench / random_gguf_name(LLAMA_1B, smollm2), LLAMA_1B, tokenizer_from=smollm2)
+    return {"SmolLM2-135M-Instruct Q4_1": (smollm2, (PROMPT, NEW, LONG)),
+            "1B-class (Llama-3.2-1B shape), random Q4_0": (big, (PROMPT, 32, 128))}
 
 
 def cpu_description() -> dict:
@@ -347,9 +349,7 @@ def cpu_description() -> dict:
 def run(quick: bool = False, rounds: int = 3, threads: Optional[list[int]] = None, build: Optional[bool] = None) -> dict:
     """B2-llamacpp. `build`: build the peer's venv when missing (default: yes, except in a quick run)."""
     threads = threads or sorted({1, min(2, os.cpu_count() or 1)})
-    sizes = QUICK_SIZES if quick else (PROMPT, NEW, LONG)
-    result: dict = {**cpu_description(), "threads": threads, "prompt_tokens": sizes[0], "new_tokens": sizes[1],
-                    "prefill_tokens": sizes[2], "bandwidth_method": "torch: sum of a 1 GiB fp32 tensor, best of 3, "
+    result: dict = {**cpu_description(), "threads": threads, "bandwidth_method": "torch: sum of a 1 GiB fp32 tensor, best of 3, "
                     "same thread count" if not quick else "torch: sum of a 256 MiB fp32 tensor",
                     "models": {}, "ratios": {}}
     peer: Optional[LlamaCpp] = None
@@ -361,11 +361,11 @@ def run(quick: bool = False, rounds: int = 3, threads: Optional[list[int]] = Non
         result["llama_cpp_skipped"] = str(e)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for label, path in files(quick, Path(tmp)).items():
+            for label, (path, sizes) in files(quick, Path(tmp)).items():
                 print(f"B2-llamacpp: {label} ({path.name})", flush=True)
                 rounds_here = 1 if quick else rounds if path.stat().st_size < 2**28 else max(1, rounds // 2)
                 result["models"][label] = m = measure_file(label, path, peer, threads, rounds_here, sizes)
-                m["rounds"] = rounds_here
+                m.update(rounds=rounds_here, prompt_tokens=sizes[0], new_tokens=sizes[1], prefill_tokens=sizes[2])
                 for t, entry in m["by_threads"].items():
                     if "best" in entry:
                         short = label.split()[0]
@@ -394,12 +394,14 @@ def table(result: dict) -> str:
              (f"llama.cpp: {peer['package']} (vendored llama.cpp built by pip with CMAKE_ARGS=\"{peer['cmake_args']}\"); "
               f"its system info: `{peer['system_info']}`." if peer else
               f"llama.cpp: not measured ({result.get('llama_cpp_skipped')})."),
-             f"Batch 1, greedy, {result['prompt_tokens']}-token prompt then {result['new_tokens']} new tokens; prefill of "
-             f"{result['prefill_tokens']} tokens. decode tokens/s = the tokens after the first / their time; end-to-end "
+             "Batch 1, greedy; each file's prompt, new tokens and prefill length are given with it. "
+             "decode tokens/s = the tokens after the first / their time; end-to-end "
              f"= all new tokens / the whole call. Bound = memory read bandwidth ({result['bandwidth_method']}) / weight "
              "bytes read per token. Ratios are chatforge / llama.cpp in speed (prefill: llama.cpp's time / chatforge's).", ""]
     for label, m in result["models"].items():
-        lines += [f"**{label}** (`{m['file']}`, {m['file_bytes'] / 1e6:.0f} MB, {m['rounds']} round(s), medians)", "",
+        lines += [f"**{label}** (`{m['file']}`, {m['file_bytes'] / 1e6:.0f} MB): {m['prompt_tokens']}-token prompt, "
+                  f"{m['new_tokens']} new tokens; prefill of {m['prefill_tokens']} tokens; {m['rounds']} round(s), "
+                  "medians", "",
                   "| threads | contender | activations | decode tokens/s | vs llama.cpp | % of bound | end-to-end tokens/s "
                   "| prefill s | prefill vs llama.cpp | MB read / token | greedy tokens equal to llama.cpp's |",
                   "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -124,16 +124,17 @@ def test_llamacpp_ratios_and_table_from_measured_runs():
     best = llamacpp.best_ratios(rows)
     assert best == {"decode": pytest.approx(2.0), "decode_mode": "chatforge int4",
                     "prefill": pytest.approx(2.0), "prefill_mode": "chatforge fp32"}
-    result = {"cpu": "Some CPU", "cores": 2, "flags": ["avx2"], "prompt_tokens": 32, "new_tokens": new,
-              "prefill_tokens": 512, "bandwidth_method": "sum", "target": "t", "target_met": True,
+    result = {"cpu": "Some CPU", "cores": 2, "flags": ["avx2"], "bandwidth_method": "sum", "target": "t", "target_met": True,
               "llama_cpp": {"package": "llama-cpp-python==x", "cmake_args": "-DGGML_NATIVE=ON", "system_info": "AVX2 = 1"},
-              "models": {"m": {"file": "m.gguf", "file_bytes": 10**6, "rounds": 3,
+              "models": {"m": {"file": "m.gguf", "file_bytes": 10**6, "rounds": 3, "prompt_tokens": 32, "new_tokens": new,
+                               "prefill_tokens": 512,
                                "by_threads": {"2": {"bandwidth_GBps": 2e-6, "rows": rows, "best": best}}}},
               "ratios": {"m 2t decode": best["decode"], "m 2t prefill": best["prefill"]}}
     text = llamacpp.table(result)
     assert "| 2 | chatforge int4 | bf16 | 20.0 | 2.00x | 100% | 12.5 | 4.000 | 0.50x | 0 | 5 |" in text
     assert "| 2 | llama.cpp | fp32 | 10.0 | - | 50% |" in text and "| m 2t decode | 2.00x |" in text
     assert "CPU: Some CPU, 2 cores; vector extensions: avx2." in text and "`AVX2 = 1`" in text
+    assert "32-token prompt, 5 new tokens; prefill of 512 tokens; 3 round(s)" in text
 
 
 def test_random_gguf_copies_another_files_tokenizer(tmp_path):

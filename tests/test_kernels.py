@@ -295,3 +295,36 @@ def test_gguf_model_decodes_the_same_with_and_without_kernels(arch, kind, tok, t
     assert not any(isinstance(m, GGMLLinear) for m in reference.modules())
     assert fast == slow
     assert (fast_logits - slow_logits).abs().max() <= 1e-4 * slow_logits.abs().max()
+
+
+def test_plan_says_which_kernels_decode():
+    """`chatforge plan` names what multiplies a decoding step here, and sizes int8 / int4 as those kernels
+    store them (Q8_0: 34 bytes per 32 weights, Q4_1: 20) or as torch's layouts do."""
+    from chatforge.sizing.plan import BYTES, KERNEL_BYTES, load_bytes, plan
+
+    p = plan("gpt2-124m", tflops=1.0, bandwidth_gbs=10.0)  # stated speeds: no calibration
+    n = p.model.params
+    if kernels.available():
+        assert p.kernels.startswith("chatforge's kernels") and kernels.status() in p.kernels
+        assert p.load["int4"]["bytes"] == load_bytes(n, "int4", KERNEL_BYTES) and KERNEL_BYTES["int4"] == 20 / 32
+    else:
+        assert p.kernels.startswith("torch's") and p.load["int4"]["bytes"] == load_bytes(n, "int4", BYTES)
+    assert f"decoded by                  {p.kernels}" in p.format()
+    rates = [p.load[d]["tokens_per_s"] for d in ("fp32", "int8", "int4")]
+    assert rates == sorted(rates)  # fewer bytes per weight, no slower
+
+
+def test_benchmark_harness_measures_every_contender(tok, tmp_path):
+    """B2-kernels (benchmarks/inference.kernel_decode) on a tiny file: the stored blocks, fp32 on the kernels
+    and fp32 on torch alone are each timed, with their share of the bound, and decode the same tokens."""
+    from benchmarks.inference import KERNEL_CONTENDERS, kernel_decode
+
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.status()}")
+    path = tmp_path / "m.gguf"
+    write_gguf(path, random_model(tiny_config("llama", tok.vocab_size), seed=3), "llama", tok, "Q4_1")
+    r = kernel_decode(path, threads=(1,), rounds=1, prompt_len=6, new=5, prefill_len=12)
+    entry = r["by_threads"]["1"]
+    assert set(entry["rows"]) == set(KERNEL_CONTENDERS) and entry["greedy_tokens_equal"]
+    assert all(row["decode_tokens_per_s"] > 0 and 0 < row["pct_of_bound"] for row in entry["rows"].values())
+    assert kernels.available()  # the run switched CHATFORGE_KERNELS back

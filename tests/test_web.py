@@ -195,9 +195,9 @@ def test_the_inspect_view_and_markdown(page_for, tmp_path):
         store.add_message(cid, "user", "Tell me a story")
         store.add_message(cid, "assistant", "Once upon a", unfinished=True)
         store.close()
+        page.evaluate("id => localStorage.setItem('chatforge.open', id)", cid)  # the page reopens it on load
         page.reload()
         page.wait_for_selector("body[data-ready='1']")
-        page.locator(".conversation", has_text="cut short").locator(".open").click()
         expect(page.locator(".message.assistant .body")).to_have_text("Once upon a")
         expect(page.locator(".message.assistant .meta")).to_contain_text("unfinished")
         expect(page.locator(".message.assistant .regenerate")).to_be_visible()

@@ -280,13 +280,13 @@ class Speculator:
                 del r.logprobs[count - len(emitted[b]):]
             out.append((r, piece))
             given.append(emitted[b][:count])
-        history = [(b, t) for b, ts in enumerate(given) for t in ts]
-        hb = torch.tensor([b for b, _ in history], device=raw.device)
-        ht = torch.tensor([t for _, t in history], device=raw.device)
-        if state._seen is not None:
-            state._seen[hb, ht] = True
-        if state._counts is not None:
-            state._counts.index_put_((hb, ht), torch.ones_like(ht, dtype=state._counts.dtype), accumulate=True)
+        if state._seen is not None or state._counts is not None:  # the penalties' history
+            hb = torch.tensor([b for b, ts in enumerate(given) for _ in ts], device=raw.device)
+            ht = torch.tensor([t for ts in given for t in ts], device=raw.device)
+            if state._seen is not None:
+                state._seen[hb, ht] = True
+            if state._counts is not None:
+                state._counts.index_put_((hb, ht), torch.ones_like(ht, dtype=state._counts.dtype), accumulate=True)
         state.cache.truncate(start + torch.tensor([len(e) for e in emitted], device=start.device))
         state.next_tokens = torch.tensor([g[-1] for g in given], device=state.next_tokens.device)
         keep = [i for i, r in enumerate(rows) if not r.done]

@@ -121,31 +121,83 @@ INLINE float hsum256(__m256 v) {
 }
 #endif
 
-INLINE void row_q4(const int type, const uint8_t *row, const float *x, int64_t ldx, const float *sx,
-                   int64_t lds, int64_t nb, const int N, float *out) {
-    const int64_t bb = type == T_Q4_0 ? 18 : 20, qoff = type == T_Q4_0 ? 2 : 4;
+/* A Q4_0 / Q4_1 block's scale d and offset m (w = d q + m; Q4_0's m is -8 d) */
+INLINE void q4_scale(const int type, const uint8_t *blk, float *d, float *m) {
+#if defined(CF_AVX2)
+    if (type == T_Q4_1) { /* both fp16 values converted by one instruction */
+        int32_t dm32;
+        memcpy(&dm32, blk, 4);
+        const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm32));
+        *d = _mm_cvtss_f32(dm);
+        *m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        return;
+    }
+#endif
+    *d = f16_to_f32(load_u16(blk));
+    *m = type == T_Q4_0 ? -8.0f * *d : f16_to_f32(load_u16(blk + 2));
+}
+
 #if defined(CF_AVX512)
-    /* per block a table of its 16 possible weights (d * q + m for q = 0..15), looked up by each nibble:
-       the weights come out as floats, scaled and offset, in one permute each */
+/* The block's 32 weights as two vectors (0..15, 16..31): a table of its 16 possible values d q + m,
+   looked up by each nibble (the permute reads an index's low 4 bits), so they come out scaled and
+   offset in one instruction each. Q8_0: widened and scaled. */
+INLINE void q4_weights512(const int type, const uint8_t *blk, __m512 *lo, __m512 *hi) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    float d, m;
+    q4_scale(type, blk, &d, &m);
+    const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(d), _mm512_set1_ps(m));
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + (type == T_Q4_0 ? 2 : 4))));
+    *lo = _mm512_permutexvar_ps(v, table);
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+}
+
+INLINE void q8_weights512(const uint8_t *blk, __m512 *lo, __m512 *hi) {
+    const __m512 dv = _mm512_set1_ps(f16_to_f32(load_u16(blk)));
+    *lo = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)))));
+    *hi = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)))));
+}
+#elif defined(CF_AVX2)
+/* The block's integers as four vectors of 8 (weights 0..7, 8..15, 16..23, 24..31), unscaled: the caller
+   scales the block's dot product by d once (and adds Q4's offsets through the activations' block sums) */
+INLINE void q4_ints256(const uint8_t *qs, __m256 w[4]) {
+    const __m256i m15 = _mm256_set1_epi32(15);
+    const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    const __m256i v0 = _mm256_cvtepu8_epi32(raw), v1 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(raw, raw));
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, m15));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, m15));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+}
+
+INLINE void q8_ints256(const uint8_t *qs, __m256 w[4]) {
+    for (int k = 0; k < 4; k++)
+        w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * k))));
+}
+
+/* sum over the block of w x, for x's 32 values at xb */
+INLINE __m256 block_dot256(const __m256 w[4], const float *xb) {
+    __m256 s0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+    __m256 s1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xb + 8));
+    s0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), s0);
+    s1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), s1);
+    return _mm256_add_ps(s0, s1);
+}
+#endif
+
+/* One weight row of a block type times N activation rows: out[i] = row . x_i over nb blocks. */
+INLINE void row_blocks(const int type, const uint8_t *row, const float *x, int64_t ldx, const float *sx,
+                       int64_t lds, int64_t nb, const int N, float *out) {
+    const int64_t bb = block_bytes(type);
+#if defined(CF_AVX512)
     (void)sx, (void)lds;
     __m512 acc0[4], acc1[4];
     for (int i = 0; i < N; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 iota8 = _mm512_sub_ps(iota, _mm512_set1_ps(8.0f));
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * bb;
-        __m512 table;
-        if (type == T_Q4_0) {
-            table = _mm512_mul_ps(iota8, _mm512_set1_ps(f16_to_f32(load_u16(blk))));
-        } else {
-            int32_t dm32;
-            memcpy(&dm32, blk, 4);
-            const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm32)); /* d, m */
-            table = _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(dm), _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
-        }
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + qoff)));
-        const __m512 lo = _mm512_permutexvar_ps(v, table); /* the index's low 4 bits: the low nibble */
-        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+        __m512 lo, hi;
+        if (type == T_Q8_0)
+            q8_weights512(row + b * bb, &lo, &hi);
+        else
+            q4_weights512(type, row + b * bb, &lo, &hi);
         for (int i = 0; i < N; i++) {
             const float *xb = x + i * ldx + b * QK;
             acc0[i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc0[i]);
@@ -155,106 +207,43 @@ INLINE void row_q4(const int type, const uint8_t *row, const float *x, int64_t l
     for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
 #elif defined(CF_AVX2)
     float off[4] = {0, 0, 0, 0};
-    __m256 acc[4];
+    __m256 acc[4], w[4];
     for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
-    const __m256i m15 = _mm256_set1_epi32(15);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *blk = row + b * bb;
-        float d, m;
-        if (type == T_Q4_0) {
+        float d, m = 0;
+        if (type == T_Q8_0) {
             d = f16_to_f32(load_u16(blk));
-            m = -8.0f * d;
+            q8_ints256(blk + 2, w);
         } else {
-            int32_t dm32;
-            memcpy(&dm32, blk, 4);
-            const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm32)); /* d, m */
-            d = _mm_cvtss_f32(dm);
-            m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+            q4_scale(type, blk, &d, &m);
+            q4_ints256(blk + (type == T_Q4_0 ? 2 : 4), w);
         }
-        const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + qoff));
-        const __m256i v0 = _mm256_cvtepu8_epi32(raw), v1 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(raw, raw));
-        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, m15));
-        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, m15));
-        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
-        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
         const __m256 dv = _mm256_set1_ps(d);
         for (int i = 0; i < N; i++) {
-            const float *xb = x + i * ldx + b * QK;
-            __m256 s0 = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
-            __m256 s1 = _mm256_mul_ps(w1, _mm256_loadu_ps(xb + 8));
-            s0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), s0);
-            s1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), s1);
-            acc[i] = _mm256_fmadd_ps(dv, _mm256_add_ps(s0, s1), acc[i]);
-            off[i] += m * sx[i * lds + b];
+            acc[i] = _mm256_fmadd_ps(dv, block_dot256(w, x + i * ldx + b * QK), acc[i]);
+            if (type != T_Q8_0) off[i] += m * sx[i * lds + b];
         }
     }
     for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]) + off[i];
 #else
-    float acc[4] = {0, 0, 0, 0}, off[4] = {0, 0, 0, 0};
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * bb;
-        const float d = f16_to_f32(load_u16(blk));
-        const float m = type == T_Q4_0 ? -8.0f * d : f16_to_f32(load_u16(blk + 2));
-        const uint8_t *q = blk + qoff;
-        for (int i = 0; i < N; i++) {
-            const float *xb = x + i * ldx + b * QK;
-            float s = 0;
-            for (int j = 0; j < 16; j++) s += (float)(q[j] & 15) * xb[j] + (float)(q[j] >> 4) * xb[j + 16];
-            acc[i] += d * s;
-            off[i] += m * sx[i * lds + b];
-        }
-    }
-    for (int i = 0; i < N; i++) out[i] = acc[i] + off[i];
-#endif
-}
-
-INLINE void row_q8_0(const uint8_t *row, const float *x, int64_t ldx, int64_t nb, const int N, float *out) {
-#if defined(CF_AVX512)
-    __m512 acc[4];
-    for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * 34;
-        const __m512 dv = _mm512_set1_ps(f16_to_f32(load_u16(blk)));
-        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
-        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
-        for (int i = 0; i < N; i++) {
-            const float *xb = x + i * ldx + b * QK;
-            __m512 s = _mm512_mul_ps(w0, _mm512_loadu_ps(xb));
-            s = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), s);
-            acc[i] = _mm512_fmadd_ps(dv, s, acc[i]);
-        }
-    }
-    for (int i = 0; i < N; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
-#elif defined(CF_AVX2)
-    __m256 acc[4];
-    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * 34;
-        const __m256 dv = _mm256_set1_ps(f16_to_f32(load_u16(blk)));
-        __m256 w[4];
-        for (int k = 0; k < 4; k++)
-            w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * k))));
-        for (int i = 0; i < N; i++) {
-            const float *xb = x + i * ldx + b * QK;
-            __m256 s0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
-            __m256 s1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xb + 8));
-            s0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), s0);
-            s1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), s1);
-            acc[i] = _mm256_fmadd_ps(dv, _mm256_add_ps(s0, s1), acc[i]);
-        }
-    }
-    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]);
-#else
     float acc[4] = {0, 0, 0, 0};
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * 34;
-        const float d = f16_to_f32(load_u16(blk));
-        const int8_t *q = (const int8_t *)(blk + 2);
+        const uint8_t *blk = row + b * bb;
         for (int i = 0; i < N; i++) {
             const float *xb = x + i * ldx + b * QK;
             float s = 0;
-            for (int j = 0; j < QK; j++) s += (float)q[j] * xb[j];
-            acc[i] += d * s;
+            if (type == T_Q8_0) {
+                const int8_t *q = (const int8_t *)(blk + 2);
+                for (int j = 0; j < QK; j++) s += (float)q[j] * xb[j];
+                acc[i] += f16_to_f32(load_u16(blk)) * s;
+            } else {
+                float d, m;
+                q4_scale(type, blk, &d, &m);
+                const uint8_t *q = blk + (type == T_Q4_0 ? 2 : 4);
+                for (int j = 0; j < 16; j++) s += (float)(q[j] & 15) * xb[j] + (float)(q[j] >> 4) * xb[j + 16];
+                acc[i] += d * s + m * sx[i * lds + b];
+            }
         }
     }
     for (int i = 0; i < N; i++) out[i] = acc[i];
@@ -321,12 +310,67 @@ INLINE void row_dot(const int type, const uint8_t *row, const float *x, int64_t 
                     int64_t k0, int64_t k1, const int N, float *out) {
     const int64_t b0 = k0 / QK, nb = (k1 - k0) / QK;
     switch (type) {
-    case T_Q4_0: row_q4(T_Q4_0, row + b0 * 18, x + k0, ldx, sx ? sx + b0 : 0, lds, nb, N, out); break;
-    case T_Q4_1: row_q4(T_Q4_1, row + b0 * 20, x + k0, ldx, sx ? sx + b0 : 0, lds, nb, N, out); break;
-    case T_Q8_0: row_q8_0(row + b0 * 34, x + k0, ldx, nb, N, out); break;
+    case T_Q4_0: row_blocks(T_Q4_0, row + b0 * 18, x + k0, ldx, sx ? sx + b0 : 0, lds, nb, N, out); break;
+    case T_Q4_1: row_blocks(T_Q4_1, row + b0 * 20, x + k0, ldx, sx ? sx + b0 : 0, lds, nb, N, out); break;
+    case T_Q8_0: row_blocks(T_Q8_0, row + b0 * 34, x + k0, ldx, 0, lds, nb, N, out); break;
     case T_F32: row_float(T_F32, row + k0 * 4, x + k0, ldx, k1 - k0, N, out); break;
     default: row_float(T_BF16, row + k0 * 2, x + k0, ldx, k1 - k0, N, out); break;
     }
+}
+
+/* Four weight rows (rb bytes apart) times one activation row, whole rows, for the block types: each
+   activation block is loaded once for the four, and four independent sums keep the vector units busy.
+   Rows of a few hundred columns (a 135M model's) spend a good part of their time starting and ending;
+   four at a time, they do that a quarter as often. Returns 0 where it has no such loop (the caller then
+   takes the rows one by one). */
+INLINE int dot4(const int type, const uint8_t *w, int64_t rb, const float *x, const float *sx, int64_t cols,
+                float *out) {
+    const int64_t nb = cols / QK, bb = block_bytes(type);
+    if (!bb) return 0;
+#if defined(CF_AVX512)
+    (void)sx;
+    __m512 a0[4], a1[4];
+    for (int r = 0; r < 4; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m512 x0 = _mm512_loadu_ps(x + b * QK), x1 = _mm512_loadu_ps(x + b * QK + 16);
+        for (int r = 0; r < 4; r++) {
+            __m512 lo, hi;
+            if (type == T_Q8_0)
+                q8_weights512(w + r * rb + b * bb, &lo, &hi);
+            else
+                q4_weights512(type, w + r * rb + b * bb, &lo, &hi);
+            a0[r] = _mm512_fmadd_ps(lo, x0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(hi, x1, a1[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+    return 1;
+#elif defined(CF_AVX2)
+    __m256 acc[4], wv[4];
+    float off[4] = {0, 0, 0, 0};
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * QK;
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *blk = w + r * rb + b * bb;
+            float d, m = 0;
+            if (type == T_Q8_0) {
+                d = f16_to_f32(load_u16(blk));
+                q8_ints256(blk + 2, wv);
+            } else {
+                q4_scale(type, blk, &d, &m);
+                q4_ints256(blk + (type == T_Q4_0 ? 2 : 4), wv);
+                off[r] += m * sx[b];
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), block_dot256(wv, xb), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]) + off[r];
+    return 1;
+#else
+    (void)w, (void)rb, (void)x, (void)sx, (void)nb, (void)out;
+    return 0;
+#endif
 }
 
 #define ROW_GROUP 4 /* weight rows multiplied together, a column chunk at a time */
@@ -339,6 +383,10 @@ static void rows_range(int type, const uint8_t *w, int64_t row_bytes, int64_t r0
                        const float *x, const float *sx, int64_t n, float *y, int64_t ldy, const float *bias) {
     const int64_t lds = cols / QK, chunk = n > 1 ? COL_CHUNK : cols;
     float out[4], part[ROW_GROUP][4];
+    if (n == 1) { /* one activation row: four weight rows at a time where the type has that loop */
+        for (; r0 + 4 <= r1 && dot4(type, w + r0 * row_bytes, row_bytes, x, sx, cols, out); r0 += 4)
+            for (int r = 0; r < 4; r++) y[r0 + r] = out[r] + (bias ? bias[r0 + r] : 0.0f);
+    }
     for (int64_t g0 = r0; g0 < r1; g0 += ROW_GROUP) {
         const int64_t g1 = g0 + ROW_GROUP < r1 ? g0 + ROW_GROUP : r1;
         for (int64_t i0 = 0; i0 < n; i0 += 4) {
