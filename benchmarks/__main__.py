@@ -121,7 +121,7 @@ def run_selected(args: argparse.Namespace, save: Callable[[dict[str, dict]], Non
         from . import speculative
 
         t0, load = time.perf_counter(), load_average()
-        record("B8-speculative", speculative.run(quick=args.quick, rounds=min(args.rounds, 3)), t0, load)
+        record("B8-speculative", speculative.run(quick=args.quick, rounds=args.rounds), t0, load)
     if "compile" in args.only:
         from . import compile_check
 

@@ -18,7 +18,7 @@ import torch
 
 from .common import chat_model, interleaved, median, spread
 
-NEW_TOKENS = 128
+NEW_TOKENS = 64
 SCHEMA = {  # every reply stays inside it for far longer than NEW_TOKENS: at least 64 records
     "type": "array", "minItems": 64,
     "items": {"type": "object", "required": ["name", "age", "city", "member"],

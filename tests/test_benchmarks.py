@@ -153,3 +153,17 @@ def test_random_gguf_copies_another_files_tokenizer(tmp_path):
     model, tok = load(copy, device="cpu", quantize="int4")
     assert (model.config.n_layer, model.config.n_embd, model.config.kv_heads) == (TINY.n_layer, TINY.n_embd, 1)
     assert not torch.equal(a.read("blocks.0.attn.qkv.weight"), b.read("blocks.0.attn.qkv.weight"))  # the seed
+
+
+def test_quick_grammar_benchmark_compares_constrained_and_free_decoding(tmp_path):
+    """B7-grammar on the demo model: the same tokens/s rows with and without a JSON schema, at batch 1 and 8."""
+    out, md = tmp_path / "results.json", tmp_path / "benchmarks.md"
+    done = run_benchmarks("--only", "B7-grammar", "--json", str(out), "--markdown", str(md))
+    assert done.returncode == 0, done.stderr[-3000:]
+    b7 = json.loads(out.read_text())["results"]["B7-grammar"]
+    assert set(b7["rows"]) == {"free b1", "json_schema b1", "free b8", "json_schema b8"}
+    for name, row in b7["rows"].items():  # every row decoded exactly its tokens: the schema never ended a reply
+        rows = 8 if name.endswith("b8") else 1
+        assert row["completion_tokens"] == b7["new_tokens"] * rows and row["tokens_per_s"] > 0
+    assert set(b7["ratios"]) == {"batch 1", "batch 8"} and b7["sample"].startswith("[{")
+    assert "## B7-grammar: structured output (JSON schema) vs free decoding" in md.read_text()

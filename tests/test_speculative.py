@@ -364,6 +364,17 @@ def test_cli_generate_with_speculation(checkpoint):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "vocabulary" in bad.stderr
 
 
+def test_serve_settings():
+    from chatforge.server.settings import ServeConfig
+
+    assert ServeConfig(speculative="ngram", num_draft_tokens=3).speculation == SpeculativeConfig("ngram", 3)
+    assert ServeConfig().speculation is None
+    with pytest.raises(ChatforgeError, match="--num-draft-tokens needs --speculative"):
+        ServeConfig(num_draft_tokens=3)
+    with pytest.raises(ChatforgeError, match="num_draft_tokens"):
+        ServeConfig(speculative="ngram", num_draft_tokens=0)
+
+
 def test_server_with_speculation(checkpoint):
     import openai
 

@@ -272,7 +272,8 @@ def test_smollm2_structured_output(smollm2_gguf, tmp_path):
         chunks = client.chat.completions.create(model=model, messages=ask, max_tokens=60, temperature=0, stream=True,
                                                 response_format=response_format(schemas["list"], "list"))
         valid("".join(c.choices[0].delta.content or "" for c in chunks if c.choices), schemas["list"])
-        obj = client.chat.completions.create(model=model, messages=ask, max_tokens=60, temperature=0,
+        capital = [{"role": "user", "content": 'Give the capital of France as a JSON object like {"capital": ...}.'}]
+        obj = client.chat.completions.create(model=model, messages=capital, max_tokens=40, temperature=0,
                                              response_format={"type": "json_object"})
         assert obj.choices[0].finish_reason == "stop"
         assert isinstance(json.loads(obj.choices[0].message.content), dict)

@@ -21,6 +21,12 @@ weight to the activation dtype and run an ordinary matrix multiply, which is com
 anyway. `quantize_from` (what the loader uses for a chatforge checkpoint) quantizes row chunk by
 row chunk as they are read, so the full-precision model never sits in memory.
 
+Where chatforge's own CPU kernels are built (chatforge.kernels: a C compiler on the machine), both
+modes are ggml's block formats instead, the kernels multiplying by the blocks as they are stored
+(GGMLLinear): int8 is Q8_0 (32 weights and an fp16 scale), int4 is Q4_1 (32 weights, an fp16 scale
+and minimum), activations fp32; a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks are kept byte for byte. The
+rest of this docstring describes torch's layouts, used without those kernels.
+
 int4 halves the bytes again: each Linear's weight is cut into groups of inputs (INT4_GROUP = 64 when
 chatforge quantizes; 32 for blocks a GGUF file hands over, the group being a property of each layer),
 each group with its own scale and zero point (asymmetric: w ~ (q - 8) * scale + zero, q in [0, 15]),
@@ -383,7 +389,8 @@ class GGMLLinear(nn.Module):
     A few rows (decoding, a small batch) are multiplied by chatforge's kernel straight from the blocks:
     4.5 to 8.5 bits per weight stream from memory instead of 32. More rows (a prefill) widen the layer
     to the activations' dtype once and use torch's GEMM, which is compute-bound there. Without the
-    kernels (another device, no compiler) every call widens the layer with the torch reference.
+    kernels (another device, no compiler) every call widens the layer with the torch reference; so does
+    a call whose input autograd tracks (the widened path is differentiable in x; the weight is a buffer).
     """
 
     def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: Optional[torch.Tensor] = None):
@@ -403,7 +410,7 @@ class GGMLLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = kernels.get() if x.device.type == "cpu" else None
         bias = self.bias
-        if k is not None and x.numel() <= GEMV_MAX_ROWS * self.in_features:
+        if k is not None and x.numel() <= GEMV_MAX_ROWS * self.in_features and not x.requires_grad:
             if bias is not None and bias.dtype != torch.float32:
                 bias = bias.float()
             if x.dtype == torch.float32:

@@ -29,7 +29,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled so far (the same for every row)
         self._new = 0  # slots being written by the current forward pass
-        self._views: Optional[tuple] = None  # (k, per-layer views of k, of v): made once per storage
+        self._views: Optional[tuple] = None  # (k, v, per-layer views of k, of v): made once per storage
 
     def next_position(self) -> torch.Tensor:
         """(B,) position the next real token of each row will have."""
@@ -76,9 +76,10 @@ class KVCache:
     def _layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s (B, KVH, slots, D) views, made once per storage tensor (indexing costs a few
         microseconds, 2 per layer per decoding step)."""
-        if getattr(self, "_views", None) is None or self._views[0] is not self.k:
-            self._views = (self.k, self.k.unbind(0), self.v.unbind(0))
-        return self._views[1][layer], self._views[2][layer]
+        views = getattr(self, "_views", None)
+        if views is None or views[0] is not self.k or views[1] is not self.v:
+            views = self._views = (self.k, self.v, self.k.unbind(0), self.v.unbind(0))
+        return views[2][layer], views[3][layer]
 
     def advance(self, T: int) -> None:
         self.length += T

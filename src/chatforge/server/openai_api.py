@@ -11,6 +11,7 @@ oldest turns are dropped and the response says how many (`X-Chatforge-Dropped-Me
 """
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, AsyncIterator, Literal, Optional, Union
@@ -418,8 +419,14 @@ async def chat_completions(request: HTTPRequest) -> Any:
     config = structured_config(body, config, spec)  # response_format or a forced call: a grammar
     messages, tools = (spec or ToolSpec.none()).prompt(messages, service.chat.format.renders_tools)
     prompt_ids, dropped = service.chat.prompt(messages, config, tools)
-    with structured_errors():  # the grammar compiles with the first request: a bad schema is a 400 on it
-        requests = service.requests(prompt_ids, config, body.n)  # a prompt too long: a 400 on messages
+    # a prompt too long is a 400 on messages; a schema that cannot be compiled a 400 on response_format. A grammar
+    # compiles off the event loop: the first one also reads the vocabulary (about a second for 49k tokens)
+    constrained = config.json_schema is not None or config.grammar is not None
+    with structured_errors():
+        if constrained:
+            requests = await asyncio.to_thread(service.requests, prompt_ids, config, body.n)
+        else:
+            requests = service.requests(prompt_ids, config, body.n)
     shape = ResponseShape("chat", service.name, len(prompt_ids), dropped)
     if spec is not None and spec.active:
         shape.tools = [ChoiceTools(spec) for _ in requests]

@@ -261,7 +261,8 @@ def _prepare(parts: dict[str, Examples], names: list[str], base_model: str, max_
     """The base model with its new head (and LoRA adapters), and every split encoded for it."""
     from chatforge.loader import load
 
-    model, tok = load(base_model, device="cpu")  # after the data: its mistakes are found without waiting
+    # after the data: its mistakes are found without waiting; fp32: weights to train (a GGUF file dequantized)
+    model, tok = load(base_model, device="cpu", dtype="fp32")
     model = model.float()
     max_length = min(max_length or model.config.block_size, model.config.block_size)
     encoded = {}

@@ -123,7 +123,7 @@ def _start(data: list[str], val_data: Optional[list[str]], val_fraction: float, 
         train, val = conversations, read_chat_jsonl(val_data)
     else:
         train, val = split_conversations(conversations, val_fraction, train_config.seed)
-    model, tok = load(base_model, device="cpu")
+    model, tok = load(base_model, device="cpu", dtype="fp32")  # weights to train: a GGUF file dequantized
     if model.config.task != "lm" or not model.config.causal:
         raise ConfigError(f"{base_model} is not a causal language model; chat fine-tuning needs a decoder")
     tok = chat_tokenizer(tok, chat_template)
@@ -182,7 +182,7 @@ def merge_adapter(base_model: str, adapter_dir: str, out_dir: str) -> Path:
     """Fold a saved adapter (adapter/) into its base model and save a normal checkpoint at out_dir."""
     from chatforge.loader import load, load_adapter
 
-    model, tok = load(base_model, device="cpu")
+    model, tok = load(base_model, device="cpu", dtype="fp32")  # weights to merge into: a GGUF file dequantized
     model = model.float()
     load_adapter(model, adapter_dir)
     return save_checkpoint(out_dir, merge_lora(model).eval(), tok)
