@@ -75,11 +75,12 @@ class Kernels:
             raise ValueError(f"cf_gemv: a {kind} weight of {out_features} x {in_features} cannot be multiplied")
         return y
 
-    def dequantize(self, weight: torch.Tensor, kind: str, cols: int,
-                   rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """fp32 (n, cols) of the weight's rows (all of them, or the int64 indices `rows`)."""
+    def dequantize(self, weight: torch.Tensor, kind: str, cols: int, rows: Optional[torch.Tensor] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """fp32 (n, cols) of the weight's rows (all of them, or the int64 indices `rows`), written into `out`
+        (n * cols contiguous fp32 values) when given."""
         n = weight.shape[0] if rows is None else rows.numel()
-        out = torch.empty(n, cols)
+        out = torch.empty(n, cols) if out is None else out.view(n, cols)
         idx = None if rows is None else rows.reshape(-1).contiguous().to(torch.int64)
         rc = self._lib.cf_dequantize(TYPE_IDS[kind], weight.data_ptr(), weight.stride(0) * weight.element_size(),
                                      n, cols, None if idx is None else idx.data_ptr(), out.data_ptr(),

@@ -305,16 +305,80 @@ INLINE void row_float(const int type, const uint8_t *row, const float *x, int64_
     for (int i = 0; i < N; i++) out[i] = tail[i];
 }
 
-/* row . x_i over columns k0..k1 (whole blocks for the block types); sx: block sums, lds apart per row */
-INLINE void row_dot(const int type, const uint8_t *row, const float *x, int64_t ldx, const float *sx, int64_t lds,
-                    int64_t k0, int64_t k1, const int N, float *out) {
-    const int64_t b0 = k0 / QK, nb = (k1 - k0) / QK;
+/* The activation rows a multiply reads: fp32 rows (x, and for AVX2's Q4 loops the sum of each block, sx),
+   or in int8 mode each 32-value block quantized to int8 q with a scale d (x ~ d q) and an offset term o:
+   Q4_0 -8 d sum(q) (its weights are q_w - 8), Q4_1 the block's exact sum (times its minimum). */
+typedef struct {
+    const float *x, *sx;
+    const int8_t *q;
+    const float *d, *o;
+    int64_t cols, nb; /* per row: values, blocks */
+} acts_t;
+
+#if defined(CF_AVX2)
+/* ---- int8 activations (llama.cpp's way): 32 products of a block in two integer instructions ---- */
+
+/* u8 x s8 -> 8 fp32 partial sums (pairs summed in int16: at most 2 * 255 * 127, no overflow) */
+INLINE __m256 dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
+/* a block's weights times the int8 activation block xq: the integer dot as 8 partial sums; *dw its scale,
+   *mw what multiplies the activations' offset term (Q4_0: d; Q4_1: m; Q8_0: none) */
+INLINE __m256 block_i8(const int type, const uint8_t *blk, __m256i xq, float *dw, float *mw) {
+    if (type == T_Q8_0) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        *dw = f16_to_f32(load_u16(blk));
+        *mw = 0;
+        return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w)); /* |w| x (x with w's sign) */
+    }
+    q4_scale(type, blk, dw, mw);
+    if (type == T_Q4_0) *mw = *dw;
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (type == T_Q4_0 ? 2 : 4))), m4 = _mm_set1_epi8(15);
+    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
+    return dot_u8s8(q, xq);
+}
+
+INLINE void row_blocks_i8(const int type, const uint8_t *row, const acts_t *a, int64_t i0, int64_t b0, int64_t nb,
+                          const int N, float *out) {
+    const int64_t bb = block_bytes(type);
+    __m256 acc[4];
+    float off[4] = {0, 0, 0, 0};
+    for (int i = 0; i < N; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = b0; b < b0 + nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        for (int i = 0; i < N; i++) {
+            const int64_t at = (i0 + i) * a->nb + b;
+            float dw, mw;
+            const __m256 p = block_i8(type, blk, _mm256_loadu_si256((const __m256i *)(a->q + at * QK)), &dw, &mw);
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a->d[at]), p, acc[i]);
+            off[i] += mw * a->o[at];
+        }
+    }
+    for (int i = 0; i < N; i++) out[i] = hsum256(acc[i]) + off[i];
+}
+#endif
+
+/* row . x_i for activation rows i0..i0+N-1, over columns k0..k1 (whole blocks for the block types) */
+INLINE void row_dot(const int type, const uint8_t *row, const acts_t *a, int64_t i0, int64_t k0, int64_t k1,
+                    const int N, float *out) {
+    const int64_t b0 = k0 / QK, nb = (k1 - k0) / QK, cols = a->cols;
+#if defined(CF_AVX2)
+    if (a->q) {
+        switch (type) {
+        case T_Q4_0: row_blocks_i8(T_Q4_0, row, a, i0, b0, nb, N, out); return;
+        case T_Q4_1: row_blocks_i8(T_Q4_1, row, a, i0, b0, nb, N, out); return;
+        default: row_blocks_i8(T_Q8_0, row, a, i0, b0, nb, N, out); return;
+        }
+    }
+#endif
+    const float *x = a->x + i0 * cols + k0, *sx = a->sx ? a->sx + i0 * a->nb + b0 : 0;
     switch (type) {
-    case T_Q4_0: row_blocks(T_Q4_0, row + b0 * 18, x + k0, ldx, sx ? sx + b0 : 0, lds, nb, N, out); break;
-    case T_Q4_1: row_blocks(T_Q4_1, row + b0 * 20, x + k0, ldx, sx ? sx + b0 : 0, lds, nb, N, out); break;
-    case T_Q8_0: row_blocks(T_Q8_0, row + b0 * 34, x + k0, ldx, 0, lds, nb, N, out); break;
-    case T_F32: row_float(T_F32, row + k0 * 4, x + k0, ldx, k1 - k0, N, out); break;
-    default: row_float(T_BF16, row + k0 * 2, x + k0, ldx, k1 - k0, N, out); break;
+    case T_Q4_0: row_blocks(T_Q4_0, row + b0 * 18, x, cols, sx, a->nb, nb, N, out); break;
+    case T_Q4_1: row_blocks(T_Q4_1, row + b0 * 20, x, cols, sx, a->nb, nb, N, out); break;
+    case T_Q8_0: row_blocks(T_Q8_0, row + b0 * 34, x, cols, 0, a->nb, nb, N, out); break;
+    case T_F32: row_float(T_F32, row + k0 * 4, x, cols, k1 - k0, N, out); break;
+    default: row_float(T_BF16, row + k0 * 2, x, cols, k1 - k0, N, out); break;
     }
 }
 
@@ -323,10 +387,29 @@ INLINE void row_dot(const int type, const uint8_t *row, const float *x, int64_t 
    Rows of a few hundred columns (a 135M model's) spend a good part of their time starting and ending;
    four at a time, they do that a quarter as often. Returns 0 where it has no such loop (the caller then
    takes the rows one by one). */
-INLINE int dot4(const int type, const uint8_t *w, int64_t rb, const float *x, const float *sx, int64_t cols,
-                float *out) {
-    const int64_t nb = cols / QK, bb = block_bytes(type);
+INLINE int dot4(const int type, const uint8_t *w, int64_t rb, const acts_t *a, float *out) {
+    const int64_t nb = a->nb, bb = block_bytes(type);
+    const float *x = a->x, *sx = a->sx;
     if (!bb) return 0;
+#if defined(CF_AVX2)
+    if (a->q) {
+        __m256 acc[4];
+        float off[4] = {0, 0, 0, 0};
+        for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)(a->q + b * QK));
+            const float dx = a->d[b], ox = a->o[b];
+            for (int r = 0; r < 4; r++) {
+                float dw, mw;
+                const __m256 p = block_i8(type, w + r * rb + b * bb, xq, &dw, &mw);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), p, acc[r]);
+                off[r] += mw * ox;
+            }
+        }
+        for (int r = 0; r < 4; r++) out[r] = hsum256(acc[r]) + off[r];
+        return 1;
+    }
+#endif
 #if defined(CF_AVX512)
     (void)sx;
     __m512 a0[4], a1[4];
@@ -373,35 +456,34 @@ INLINE int dot4(const int type, const uint8_t *w, int64_t rb, const float *x, co
 #endif
 }
 
-#define ROW_GROUP 4 /* weight rows multiplied together, a column chunk at a time */
-#define COL_CHUNK 512 /* columns per chunk when several activation rows share it: theirs stay in L1 */
+#define ROW_GROUP 8 /* weight rows multiplied together, a column chunk at a time */
+#define COL_CHUNK 1024 /* columns per chunk when several activation rows share it: theirs stay in L1 */
 
 /* Output rows r0..r1 of cf_gemv. One activation row: each weight row whole. Several: groups of
-   ROW_GROUP weight rows, each chunk of COL_CHUNK columns of up to 4 activation rows (8 kB) times
+   ROW_GROUP weight rows, each chunk of COL_CHUNK columns of up to 4 activation rows (16 kB) times
    every row of the group, so the activations are read from L1 and the weights once from memory. */
-static void rows_range(int type, const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, int64_t cols,
-                       const float *x, const float *sx, int64_t n, float *y, int64_t ldy, const float *bias) {
-    const int64_t lds = cols / QK, chunk = n > 1 ? COL_CHUNK : cols;
+static void rows_range(int type, const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, const acts_t *a,
+                       int64_t n, float *y, int64_t ldy, const float *bias) {
+    const int64_t cols = a->cols, chunk = n > 1 ? COL_CHUNK : cols;
     float out[4], part[ROW_GROUP][4];
     if (n == 1) { /* one activation row: four weight rows at a time where the type has that loop */
-        for (; r0 + 4 <= r1 && dot4(type, w + r0 * row_bytes, row_bytes, x, sx, cols, out); r0 += 4)
+        for (; r0 + 4 <= r1 && dot4(type, w + r0 * row_bytes, row_bytes, a, out); r0 += 4)
             for (int r = 0; r < 4; r++) y[r0 + r] = out[r] + (bias ? bias[r0 + r] : 0.0f);
     }
     for (int64_t g0 = r0; g0 < r1; g0 += ROW_GROUP) {
         const int64_t g1 = g0 + ROW_GROUP < r1 ? g0 + ROW_GROUP : r1;
         for (int64_t i0 = 0; i0 < n; i0 += 4) {
             const int64_t m = n - i0 < 4 ? n - i0 : 4;
-            const float *xi = x + i0 * cols, *si = sx ? sx + i0 * lds : 0;
             memset(part, 0, sizeof(part));
             for (int64_t k0 = 0; k0 < cols; k0 += chunk) {
                 const int64_t k1 = k0 + chunk < cols ? k0 + chunk : cols;
                 for (int64_t r = g0; r < g1; r++) {
                     const uint8_t *row = w + r * row_bytes;
                     switch (m) { /* constant N per call: the loops over activation rows unroll */
-                    case 1: row_dot(type, row, xi, cols, si, lds, k0, k1, 1, out); break;
-                    case 2: row_dot(type, row, xi, cols, si, lds, k0, k1, 2, out); break;
-                    case 3: row_dot(type, row, xi, cols, si, lds, k0, k1, 3, out); break;
-                    default: row_dot(type, row, xi, cols, si, lds, k0, k1, 4, out); break;
+                    case 1: row_dot(type, row, a, i0, k0, k1, 1, out); break;
+                    case 2: row_dot(type, row, a, i0, k0, k1, 2, out); break;
+                    case 3: row_dot(type, row, a, i0, k0, k1, 3, out); break;
+                    default: row_dot(type, row, a, i0, k0, k1, 4, out); break;
                     }
                     for (int64_t i = 0; i < m; i++) part[r - g0][i] += out[i];
                 }
@@ -409,6 +491,28 @@ static void rows_range(int type, const uint8_t *w, int64_t row_bytes, int64_t r0
             for (int64_t r = g0; r < g1; r++)
                 for (int64_t i = 0; i < m; i++) y[(i0 + i) * ldy + r] = part[r - g0][i] + (bias ? bias[r] : 0.0f);
         }
+    }
+}
+
+/* int8 mode's activations: each block of 32 values as int8 q with x ~ d q (d = max |x| / 127, q rounded),
+   and its offset term (Q4_0: -8 d sum(q); Q4_1: the exact sum of x) */
+static void quantize_acts(int type, const float *x, int64_t blocks, int8_t *q, float *d, float *o) {
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0, sum = 0;
+        for (int j = 0; j < QK; j++) {
+            amax = fmaxf(amax, fabsf(xb[j]));
+            sum += xb[j];
+        }
+        const float db = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+        int sq = 0;
+        for (int j = 0; j < QK; j++) {
+            const int v = (int)nearbyintf(xb[j] * inv);
+            q[b * QK + j] = (int8_t)v;
+            sq += v;
+        }
+        d[b] = db;
+        o[b] = type == T_Q4_0 ? -8.0f * db * (float)sq : sum;
     }
 }
 
@@ -420,30 +524,46 @@ static int threads_for(int64_t work, int nthreads) {
 }
 
 /* y[i, r] = sum_k W[r, k] x[i, k] (+ bias[r]) for r < rows, i < n. W: `rows` rows of `row_bytes` bytes of
-   `type`; x: n x cols fp32, contiguous; y: row i at y + i * ldy. Returns 0, or -1 for a shape the type
-   cannot have. */
+   `type`; x: n x cols fp32, contiguous; y: row i at y + i * ldy. int8x (block types, AVX2 and up): the
+   activations quantized to int8 blocks first (quantize_acts), the products then integer (about half the
+   work of widening every weight to fp32; x's rounding, 1/254 of each block's largest value, is what that
+   costs); else exact up to fp32 rounding. Returns 0, -1 for a shape the type cannot have, -2 out of memory. */
 EXPORT int cf_gemv(int type, const void *w, int64_t row_bytes, int64_t rows, int64_t cols, const float *x, int64_t n,
-                   float *y, int64_t ldy, const float *bias, int nthreads) {
+                   float *y, int64_t ldy, const float *bias, int int8x, int nthreads) {
     const int quant = type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0;
     if (quant ? (cols % QK || row_bytes < cols / QK * block_bytes(type)) :
                 (type != T_F32 && type != T_BF16) || row_bytes < cols * (type == T_F32 ? 4 : 2))
         return -1;
-    float *sx = 0;
+    acts_t a = {x, 0, 0, 0, 0, cols, cols / QK};
+    void *scratch = 0;
+#if defined(CF_AVX2)
+    if (quant && int8x) {
+        scratch = malloc((size_t)(n * cols) + 2 * sizeof(float) * (size_t)(n * a.nb));
+        if (!scratch) return -2;
+        float *d = (float *)scratch, *o = d + n * a.nb;
+        int8_t *q = (int8_t *)(o + n * a.nb);
+        quantize_acts(type, x, n * a.nb, q, d, o);
+        a.q = q, a.d = d, a.o = o;
+    }
+#else
+    (void)int8x;
+#endif
 #if !defined(CF_AVX512) /* the AVX-512 loop folds the offsets into its tables */
-    if (type == T_Q4_0 || type == T_Q4_1) { /* per activation row, the sum of each block */
-        const int64_t nb = cols / QK;
-        sx = (float *)malloc(sizeof(float) * (size_t)(n * nb));
+    if (!a.q && (type == T_Q4_0 || type == T_Q4_1)) { /* per activation row, the sum of each block */
+        float *sx = (float *)malloc(sizeof(float) * (size_t)(n * a.nb));
         if (!sx) return -2;
-        for (int64_t i = 0; i < n * nb; i++) {
+        for (int64_t i = 0; i < n * a.nb; i++) {
             float s = 0;
             for (int j = 0; j < QK; j++) s += x[i * QK + j];
             sx[i] = s;
         }
+        a.sx = sx;
+        scratch = sx;
     }
 #endif
     const int nt = threads_for(rows * cols * (n < 4 ? n : 4), nthreads);
     if (nt == 1) {
-        rows_range(type, (const uint8_t *)w, row_bytes, 0, rows, cols, x, sx, n, y, ldy, bias);
+        rows_range(type, (const uint8_t *)w, row_bytes, 0, rows, &a, n, y, ldy, bias);
     } else {
 #pragma omp parallel num_threads(nt)
         {
@@ -456,10 +576,10 @@ EXPORT int cf_gemv(int type, const void *w, int64_t row_bytes, int64_t rows, int
             const int64_t groups = (rows + 15) / 16;
             const int64_t g0 = groups * t / T, g1 = groups * (t + 1) / T;
             const int64_t r0 = g0 * 16, r1 = g1 * 16 < rows ? g1 * 16 : rows;
-            if (r0 < r1) rows_range(type, (const uint8_t *)w, row_bytes, r0, r1, cols, x, sx, n, y, ldy, bias);
+            if (r0 < r1) rows_range(type, (const uint8_t *)w, row_bytes, r0, r1, &a, n, y, ldy, bias);
         }
     }
-    free(sx);
+    free(scratch);
     return 0;
 }
 
