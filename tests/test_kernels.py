@@ -84,12 +84,36 @@ def test_q4_1_from_affine_keeps_values():
 
 # --- the kernels against the reference -------------------------------------------------------------
 
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 mode reads it: each block of 32 rounded to int8 steps of max |x| / 127."""
+    b = x.view(x.shape[0], -1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    q = torch.where(amax > 0, (b * (127 / amax)).round(), torch.zeros_like(b))
+    return (q * (amax / 127)).view_as(x)
+
+
+def int8_reference(x: torch.Tensor, stored: torch.Tensor, kind: str) -> torch.Tensor:
+    """What the int8 mode computes, in float64: the weights times x's int8 blocks, except that Q4_1's minima
+    meet x's exact block sums (Q4_0's -8 d is part of its weights, and meets the int8 blocks)."""
+    rows, cols = stored.shape[0], x.shape[1]
+    w = ggml.dequantize(stored, kind, cols).double()
+    if kind != "Q4_1":
+        return int8_blocks(x).double() @ w.T
+    minima = stored.view(rows, cols // 32, 20)[..., 2:4].contiguous().view(torch.float16).double()
+    m = minima.expand(rows, cols // 32, 32).reshape(rows, cols)
+    return int8_blocks(x).double() @ (w - m).T + x.double() @ m.T
+
+
 @pytest.mark.parametrize("isa", build.ISAS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_gemv_matches_dequantize_then_matmul(isa, kind):
+@pytest.mark.parametrize("int8", [False, True])
+def test_gemv_matches_dequantize_then_matmul(isa, kind, int8):
     """Odd shapes, 1..9 rows of activations (the 4-row unrolled groups and their remainders), with and
-    without a bias, on one thread and on two (a matrix large enough to be split)."""
+    without a bias, on one thread and on two (a matrix large enough to be split). int8 (the block kinds
+    on AVX2 and AVX-512): against the same product with x rounded to int8 blocks, as that mode reads it;
+    within 1% of the exact product's largest value too."""
     k = variant(isa)
+    rounded = int8 and kind in ggml.BLOCK_BYTES and isa != "generic"
     g = torch.Generator().manual_seed(KINDS.index(kind))
     for rows, cols, threads in ((1, 32, 1), (7, 96, 1), (77, 160, 1), (301, 1024, 2)):
         stored, w = random_weight(kind, rows, cols, g)
@@ -99,12 +123,15 @@ def test_gemv_matches_dequantize_then_matmul(isa, kind):
             before = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
-                y = k.linear(x, stored, kind, rows, cols, bias)
+                y = k.linear(x, stored, kind, rows, cols, bias, int8=int8)
             finally:
                 torch.set_num_threads(before)
-            ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+            add = 0 if bias is None else bias.double()
+            exact = x.double() @ w.double().T + add
+            ref = int8_reference(x, stored, kind) + add if rounded else exact
             bound = 1e-5 * (x.double().abs() @ w.double().abs().T) + 1e-6
             assert y.shape == (n, rows) and torch.all((y.double() - ref).abs() <= bound), (rows, cols, n)
+            assert (y.double() - exact).abs().max() <= 0.01 * exact.abs().max()
 
 
 @pytest.mark.parametrize("isa", build.ISAS)

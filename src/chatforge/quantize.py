@@ -415,9 +415,10 @@ class GGMLLinear(nn.Module):
         if k is not None and x.numel() <= GEMV_MAX_ROWS * self.in_features and not x.requires_grad:
             if bias is not None and bias.dtype != torch.float32:
                 bias = bias.float()
+            int8 = kernels.int8_activations()
             if x.dtype == torch.float32:
-                return k.linear(x, self.weight, self.kind, self.out_features, self.in_features, bias)
-            return k.linear(x.float(), self.weight, self.kind, self.out_features, self.in_features, bias).to(x.dtype)
+                return k.linear(x, self.weight, self.kind, self.out_features, self.in_features, bias, int8)
+            return k.linear(x.float(), self.weight, self.kind, self.out_features, self.in_features, bias, int8).to(x.dtype)
         w = k.dequantize(self.weight, self.kind, self.in_features, out=_scratch(self.weight.shape[0] * self.in_features)) \
             if k is not None else self.dequantized()
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -1,19 +1,18 @@
 """Grammar-constrained decoding: a JSON schema (or a Lark grammar) becomes a mask on the next-token logits.
 
-    matcher = matcher_for(tokenizer, config)     # None unless config.json_schema / config.grammar is set
-    logits = apply_masks(logits, rows)           # before sampling: what the grammar forbids is -inf
-    matcher.advance(token)                       # after sampling; matcher.done once nothing may follow
+    matcher = matcher_for(tokenizer, config, stop_ids)  # None unless config.json_schema / grammar is set
+    logits = apply_masks(logits, rows, matchers)        # before sampling: what a row's grammar forbids is -inf
+    matcher.advance(token)                              # after sampling; matcher.done once nothing may follow
 
 The grammar library is llguidance (Microsoft's, the engine behind Guidance and vLLM/SGLang's
-`guidance` backend). It was measured against xgrammar and outlines-core on SmolLM2's 49k-token
-vocabulary on one CPU core (see docs/benchmarks.md): llguidance and xgrammar both compute a mask in
-about 0.1-0.2 ms a token and compile a schema in about 1 ms; outlines-core masks faster once built but
-compiles each schema into an index for 0.1-1 s (18 s for "any JSON object"), ignores numeric bounds and
-mishandles allOf. Between the first two, llguidance reads the tokenizer.json chatforge already holds
-(no transformers), is a single small wheel (xgrammar pulls triton and transformers), and refuses a
-keyword it cannot enforce ("Unimplemented keys: uniqueItems") where xgrammar silently ignores it or,
-for allOf, generates text the schema rejects. A refusal is what the API needs: a 400 naming the problem
-rather than JSON that does not validate.
+`guidance` backend), chosen against xgrammar and outlines-core on SmolLM2's 49k-token vocabulary
+(benchmarks/grammar_libraries.py; figures in docs/benchmarks.md): llguidance and xgrammar both cost
+about 0.1-0.2 ms a token; outlines-core is cheaper per token but compiles each schema for 0.1-1 s
+(28 s for "any JSON object") and lets through numbers out of range. llguidance compiles a schema in
+about 1 ms, reads the tokenizer.json chatforge already holds (no transformers), is one small wheel
+(xgrammar pulls triton and transformers), and refuses a keyword it cannot enforce ("Unimplemented
+keys: uniqueItems") where xgrammar ignores it or, for allOf, generates text the schema rejects. A
+refusal is what the API needs: a 400 naming the problem rather than JSON that does not validate.
 
 Generated JSON is compact with ", " and ": " between items (no other whitespace, so a weak model cannot
 wander into endless blank space), and an object schema that lists `properties` without saying

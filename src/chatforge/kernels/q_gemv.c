@@ -494,6 +494,7 @@ static void rows_range(int type, const uint8_t *w, int64_t row_bytes, int64_t r0
     }
 }
 
+#if defined(CF_AVX2)
 /* int8 mode's activations: each block of 32 values as int8 q with x ~ d q (d = max |x| / 127, q rounded),
    and its offset term (Q4_0: -8 d sum(q); Q4_1: the exact sum of x) */
 static void quantize_acts(int type, const float *x, int64_t blocks, int8_t *q, float *d, float *o) {
@@ -515,6 +516,7 @@ static void quantize_acts(int type, const float *x, int64_t blocks, int8_t *q, f
         o[b] = type == T_Q4_0 ? -8.0f * db * (float)sq : sum;
     }
 }
+#endif
 
 static int threads_for(int64_t work, int nthreads) {
     /* below ~64k weights a fork/join costs more than it saves */
