@@ -150,14 +150,15 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{info['torch_threads']} threads | running {', '.join(args.only)}", flush=True)
     stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     json_path = Path(args.json)
-    earlier = earlier_results(json_path, args.fresh)
+    fresh = args.fresh
 
     def save(results: dict[str, dict]) -> None:
         from chatforge.utils import atomic_write_text
 
         for result in results.values():
             result.update({"command": command.strip(), "when": stamp, "machine": info, "quick": args.quick})
-        data = {"results": {**earlier, **results}}
+        # the file read again at each save: a run of other benchmarks that finished meanwhile keeps its results
+        data = {"results": {**earlier_results(json_path, fresh), **results}}
         atomic_write_text(json_path, json.dumps(data, indent=1, default=float) + "\n")
         atomic_write_text(Path(args.markdown), report.markdown(data))
 

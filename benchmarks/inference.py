@@ -149,10 +149,11 @@ def run(quick: bool = False, rounds: int = 5) -> dict:
 
 # --- B2-kernels: chatforge's own CPU kernels against its torch path, on GGUF files ---------------------
 
-KERNEL_CONTENDERS = {  # name: (load() dtype, kernels on)
-    "stored blocks (kernels)": (None, True),  # the file's Q4_0 / Q4_1 / Q8_0 blocks multiplied as they are
-    "fp32 (kernels)": ("fp32", True),  # dequantized; chatforge's fp32 GEMV and step kernels
-    "fp32 (torch)": ("fp32", False),  # the same model on torch's ops alone: chatforge before its kernels
+KERNEL_CONTENDERS = {  # name: (load() dtype, environment: CHATFORGE_KERNELS, CHATFORGE_GEMV)
+    "stored blocks (kernels)": (None, ("1", "fp32")),  # the file's Q4_0 / Q4_1 / Q8_0 blocks multiplied as they are
+    "stored blocks, int8 activations (kernels)": (None, ("1", "int8")),  # the same, x rounded to int8 blocks
+    "fp32 (kernels)": ("fp32", ("1", "fp32")),  # dequantized; chatforge's fp32 GEMV and step kernels
+    "fp32 (torch)": ("fp32", ("0", "fp32")),  # the same model on torch's ops alone: chatforge before its kernels
 }
 
 
@@ -168,22 +169,22 @@ def kernel_decode(path, threads: tuple[int, ...] = (1, 2), rounds: int = 3, prom
 
     from .llamacpp import chatforge_generate, summarize
 
-    def switch(on: bool) -> None:  # CHATFORGE_KERNELS read afresh: every layer asks kernels.get() per call
-        os.environ[build.ENV] = "1" if on else "0"
+    def switch(env: tuple[str, str]) -> None:  # read afresh: every layer asks kernels.get() per call
+        os.environ[build.ENV], os.environ[kernels.GEMV_ENV] = env
         kernels.reset()
 
     engines, models = {}, {}
     for name in contenders:
-        dtype, on = KERNEL_CONTENDERS[name]
+        dtype, setting = KERNEL_CONTENDERS[name]
         if dtype not in models:
             models[dtype] = load(path, device="cpu", dtype=dtype)
-        engines[name] = (Engine(*models[dtype]), on)
+        engines[name] = (Engine(*models[dtype]), setting)
     vocab = next(iter(engines.values()))[0].model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
     long_prompt = torch.randint(0, vocab, (prefill_len,), generator=g).tolist()
     result: dict = {"file": str(getattr(path, "name", path)), "kernels": kernels.status(), "by_threads": {}}
-    before, env = torch.get_num_threads(), os.environ.get(build.ENV)
+    before, env = torch.get_num_threads(), {k: os.environ.get(k) for k in (build.ENV, kernels.GEMV_ENV)}
     try:
         for t in threads:
             torch.set_num_threads(t)
@@ -191,15 +192,15 @@ def kernel_decode(path, threads: tuple[int, ...] = (1, 2), rounds: int = 3, prom
             prefills: dict[str, list] = {n: [] for n in engines}
             tokens: dict[str, list] = {}
             bandwidths = []
-            for name, (engine, on) in engines.items():  # warm-up (first-call costs, the kernels' build)
-                switch(on)
+            for name, (engine, setting) in engines.items():  # warm-up (first-call costs, the kernels' build)
+                switch(setting)
                 chatforge_generate(engine, prompt, 4)
             for r in range(rounds):
                 bandwidths.append(memory_bandwidth(1024, threads=t))
                 names = list(engines)
                 for name in names[r % len(names):] + names[:r % len(names)]:
-                    engine, on = engines[name]
-                    switch(on)
+                    engine, setting = engines[name]
+                    switch(setting)
                     run = chatforge_generate(engine, prompt, new)
                     runs[name].append(run)
                     tokens.setdefault(name, run["tokens"])
@@ -208,19 +209,24 @@ def kernel_decode(path, threads: tuple[int, ...] = (1, 2), rounds: int = 3, prom
             rows = {}
             for name, (engine, _) in engines.items():
                 read = decode_weight_bytes(engine.model)
-                row = {**summarize(runs[name], new), "prefill_s": statistics.median(prefills[name]),
+                row = {**summarize(runs[name], new, t), "prefill_s": statistics.median(prefills[name]),
                        "weight_bytes_per_token": read, "bound_tokens_per_s": bandwidth / read}
                 row["pct_of_bound"] = 100 * row["decode_tokens_per_s"] / row["bound_tokens_per_s"]
                 rows[name] = row
-            first = next(iter(tokens.values()))
-            result["by_threads"][str(t)] = {"bandwidth_GBps": bandwidth / 1e9, "rows": rows,
-                                            "greedy_tokens_equal": all(v == first for v in tokens.values())}
+            exact = [v for n, v in tokens.items() if KERNEL_CONTENDERS[n][1][1] == "fp32"]
+            rounded = {n: v for n, v in tokens.items() if KERNEL_CONTENDERS[n][1][1] == "int8"}
+            result["by_threads"][str(t)] = {
+                "bandwidth_GBps": bandwidth / 1e9, "rows": rows,
+                "greedy_tokens_equal": all(v == exact[0] for v in exact),  # every contender with fp32 activations
+                "int8_tokens_leading_equal": {n: next((i for i, (a, b) in enumerate(zip(v, exact[0])) if a != b), len(v))
+                                              for n, v in rounded.items()}}
     finally:
         torch.set_num_threads(before)
-        if env is None:
-            os.environ.pop(build.ENV, None)
-        else:
-            os.environ[build.ENV] = env
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         kernels.reset()
     return result
 

@@ -147,7 +147,7 @@ for line in sys.stdin:
     ask = json.loads(line)
     llm = model(ask["path"], ask["threads"])
     llm.reset()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     llm.eval(ask["prompt"])
     tokens = [greedy(llm)]
     t1 = time.perf_counter()
@@ -155,7 +155,8 @@ for line in sys.stdin:
         llm.eval([tokens[-1]])
         tokens.append(greedy(llm))
     t2 = time.perf_counter()
-    print(json.dumps({"first_s": t1 - t0, "total_s": t2 - t0, "tokens": tokens}), flush=True)
+    print(json.dumps({"first_s": t1 - t0, "total_s": t2 - t0, "cpu_s": time.process_time() - c0, "tokens": tokens}),
+          flush=True)
 """
 
 
@@ -200,13 +201,13 @@ def chatforge_generate(engine, prompt: list[int], new: int) -> dict:
     """PEER's measurement, in chatforge: the first step prefills and picks the first token."""
     state = engine.start([prompt], max_new_tokens=new, temperature=0.0, stop_token_ids=[])
     [request] = state.requests
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     state.step()
     t1 = time.perf_counter()
     while not state.done:
         state.step()
     t2 = time.perf_counter()
-    return {"first_s": t1 - t0, "total_s": t2 - t0, "tokens": list(request.tokens)}
+    return {"first_s": t1 - t0, "total_s": t2 - t0, "cpu_s": time.process_time() - c0, "tokens": list(request.tokens)}
 
 
 def file_bytes_per_token(path: Path) -> int:
@@ -220,11 +221,14 @@ def file_bytes_per_token(path: Path) -> int:
 
 # --- measuring ---------------------------------------------------------------------------------------
 
-def summarize(runs: list[dict], new: int) -> dict:
-    """Decode figures from a contender's decode runs (PEER's fields)."""
+def summarize(runs: list[dict], new: int, threads: int) -> dict:
+    """Decode figures from a contender's decode runs (PEER's fields). `cpu_share`: the CPU time the
+    contender got over wall time x threads; well under 1 means other processes took its cores (on a
+    shared machine: compare rows only where it is close to 1)."""
     decode = [(new - 1) / (r["total_s"] - r["first_s"]) for r in runs]
     return {"decode_tokens_per_s": statistics.median(decode), "end_to_end_tokens_per_s":
-            statistics.median(new / r["total_s"] for r in runs), "decode_spread": spread(decode)}
+            statistics.median(new / r["total_s"] for r in runs), "decode_spread": spread(decode),
+            "cpu_share": statistics.median(r["cpu_s"] / (r["total_s"] * threads) for r in runs)}
 
 
 def leading_equal(a: list[int], b: list[int]) -> int:
@@ -303,7 +307,7 @@ def measure_file(label: str, path: Path, peer: Optional[LlamaCpp], threads: list
             rows = {}
             for name in names:
                 mode = name.split()[-1]
-                rows[name] = {**summarize(decodes[name], new), "prefill_s": statistics.median(prefills[name]),
+                rows[name] = {**summarize(decodes[name], new, t), "prefill_s": statistics.median(prefills[name]),
                               "prefill_spread": spread(prefills[name]), "tokens": decodes[name][0]["tokens"],
                               "dtype": "fp32" if name == "llama.cpp" else dtypes[mode],
                               "weight_bytes_per_token": file_bytes_per_token(path) if name == "llama.cpp" else
@@ -397,14 +401,16 @@ def table(result: dict) -> str:
              "Batch 1, greedy; each file's prompt, new tokens and prefill length are given with it. "
              "decode tokens/s = the tokens after the first / their time; end-to-end "
              f"= all new tokens / the whole call. Bound = memory read bandwidth ({result['bandwidth_method']}) / weight "
-             "bytes read per token. Ratios are chatforge / llama.cpp in speed (prefill: llama.cpp's time / chatforge's).", ""]
+             "bytes read per token. Ratios are chatforge / llama.cpp in speed (prefill: llama.cpp's time / chatforge's). "
+             "CPU share = CPU time / (wall time x threads) while decoding: well under 1 means other processes took "
+             "the contender's cores (a shared machine), and its row says more about them than about it.", ""]
     for label, m in result["models"].items():
         lines += [f"**{label}** (`{m['file']}`, {m['file_bytes'] / 1e6:.0f} MB): {m['prompt_tokens']}-token prompt, "
                   f"{m['new_tokens']} new tokens; prefill of {m['prefill_tokens']} tokens; {m['rounds']} round(s), "
                   "medians", "",
                   "| threads | contender | activations | decode tokens/s | vs llama.cpp | % of bound | end-to-end tokens/s "
-                  "| prefill s | prefill vs llama.cpp | MB read / token | greedy tokens equal to llama.cpp's |",
-                  "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| prefill s | prefill vs llama.cpp | MB read / token | greedy tokens equal to llama.cpp's | CPU share |",
+                  "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for t, entry in m["by_threads"].items():
             for name, r in entry["rows"].items():
                 vs = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
@@ -412,7 +418,7 @@ def table(result: dict) -> str:
                 lines.append(f"| {t} | {name} | {r['dtype']} | {r['decode_tokens_per_s']:.1f} | "
                              f"{vs('decode_vs_llamacpp')} | {r['pct_of_bound']:.0f}% | "
                              f"{r['end_to_end_tokens_per_s']:.1f} | {r['prefill_s']:.3f} | {vs('prefill_vs_llamacpp')} | "
-                             f"{r['weight_bytes_per_token'] / 1e6:.0f} | {equal} |")
+                             f"{r['weight_bytes_per_token'] / 1e6:.0f} | {equal} | {r['cpu_share']:.2f} |")
         bw = ", ".join(f"{t} thread(s) {e['bandwidth_GBps']:.1f} GB/s" for t, e in m["by_threads"].items())
         lines += ["", f"Memory read bandwidth in this run: {bw}.", ""]
     if result["ratios"]:

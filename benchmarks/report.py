@@ -221,9 +221,11 @@ def _b2_kernels(r: dict) -> list[str]:
                            f"{row['weight_bytes_per_token'] / 1e6:.0f} | {row['prefill_s']:.2f} | "
                            f"{row['decode_spread']:.2f} |")
         equal = {t: e["greedy_tokens_equal"] for t, e in f["by_threads"].items()}
+        int8 = {t: e.get("int8_tokens_leading_equal") for t, e in f["by_threads"].items()}
         out += ["", f"Bandwidth (GB/s) by threads: "
                 + ", ".join(f"{t}: {e['bandwidth_GBps']:.1f}" for t, e in f["by_threads"].items())
-                + f"; greedy tokens equal across contenders: {equal}.", ""]
+                + f"; greedy tokens equal across the contenders with fp32 activations: {equal}; tokens the int8 "
+                f"activations' reply shares with theirs before the first difference: {int8}.", ""]
     return out
 
 

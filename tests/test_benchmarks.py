@@ -103,17 +103,18 @@ def test_llamacpp_ratios_and_table_from_measured_runs():
     from benchmarks import llamacpp
 
     def runs(first: float, total: float, tokens: list[int]) -> list[dict]:
-        return [{"first_s": first, "total_s": total, "tokens": tokens}] * 3
+        return [{"first_s": first, "total_s": total, "cpu_s": 1.5 * total, "tokens": tokens}] * 3
 
     new = 5  # 4 tokens after the first
-    rows = {"llama.cpp": {**llamacpp.summarize(runs(0.1, 0.5, [1, 2, 3, 4, 5]), new), "prefill_s": 2.0,
+    rows = {"llama.cpp": {**llamacpp.summarize(runs(0.1, 0.5, [1, 2, 3, 4, 5]), new, 2), "prefill_s": 2.0,
                           "tokens": [1, 2, 3, 4, 5], "weight_bytes_per_token": 100, "dtype": "fp32"},
-            "chatforge fp32": {**llamacpp.summarize(runs(0.1, 1.1, [1, 2, 9, 4, 5]), new), "prefill_s": 1.0,
+            "chatforge fp32": {**llamacpp.summarize(runs(0.1, 1.1, [1, 2, 9, 4, 5]), new, 2), "prefill_s": 1.0,
                                "tokens": [1, 2, 9, 4, 5], "weight_bytes_per_token": 400, "dtype": "fp32"},
-            "chatforge int4": {**llamacpp.summarize(runs(0.2, 0.4, [1, 2, 3, 4, 5]), new), "prefill_s": 4.0,
+            "chatforge int4": {**llamacpp.summarize(runs(0.2, 0.4, [1, 2, 3, 4, 5]), new, 2), "prefill_s": 4.0,
                                "tokens": [1, 2, 3, 4, 5], "weight_bytes_per_token": 100, "dtype": "bf16"}}
     assert rows["llama.cpp"]["decode_tokens_per_s"] == pytest.approx(10.0)  # 4 tokens in 0.4 s
     assert rows["chatforge int4"]["end_to_end_tokens_per_s"] == pytest.approx(12.5)  # 5 tokens in 0.4 s
+    assert rows["chatforge int4"]["cpu_share"] == pytest.approx(0.75)  # 1.5 CPU-seconds per second on 2 threads
     llamacpp.add_ratios(rows, bandwidth=2000.0)
     fp32, int4 = rows["chatforge fp32"], rows["chatforge int4"]
     assert fp32["decode_vs_llamacpp"] == pytest.approx(0.4) and int4["decode_vs_llamacpp"] == pytest.approx(2.0)
@@ -131,7 +132,7 @@ def test_llamacpp_ratios_and_table_from_measured_runs():
                                "by_threads": {"2": {"bandwidth_GBps": 2e-6, "rows": rows, "best": best}}}},
               "ratios": {"m 2t decode": best["decode"], "m 2t prefill": best["prefill"]}}
     text = llamacpp.table(result)
-    assert "| 2 | chatforge int4 | bf16 | 20.0 | 2.00x | 100% | 12.5 | 4.000 | 0.50x | 0 | 5 |" in text
+    assert "| 2 | chatforge int4 | bf16 | 20.0 | 2.00x | 100% | 12.5 | 4.000 | 0.50x | 0 | 5 | 0.75 |" in text
     assert "| 2 | llama.cpp | fp32 | 10.0 | - | 50% |" in text and "| m 2t decode | 2.00x |" in text
     assert "CPU: Some CPU, 2 cores; vector extensions: avx2." in text and "`AVX2 = 1`" in text
     assert "32-token prompt, 5 new tokens; prefill of 512 tokens; 3 round(s)" in text

@@ -110,8 +110,8 @@ def int8_reference(x: torch.Tensor, stored: torch.Tensor, kind: str) -> torch.Te
 def test_gemv_matches_dequantize_then_matmul(isa, kind, int8):
     """Odd shapes, 1..9 rows of activations (the 4-row unrolled groups and their remainders), with and
     without a bias, on one thread and on two (a matrix large enough to be split). int8 (the block kinds
-    on AVX2 and AVX-512): against the same product with x rounded to int8 blocks, as that mode reads it;
-    within 1% of the exact product's largest value too."""
+    on AVX2 and AVX-512): against the same product with x rounded to int8 blocks, as that mode reads it, and
+    off the exact product by at most what half an int8 step of each activation can move it."""
     k = variant(isa)
     rounded = int8 and kind in ggml.BLOCK_BYTES and isa != "generic"
     g = torch.Generator().manual_seed(KINDS.index(kind))
@@ -131,7 +131,9 @@ def test_gemv_matches_dequantize_then_matmul(isa, kind, int8):
             ref = int8_reference(x, stored, kind) + add if rounded else exact
             bound = 1e-5 * (x.double().abs() @ w.double().abs().T) + 1e-6
             assert y.shape == (n, rows) and torch.all((y.double() - ref).abs() <= bound), (rows, cols, n)
-            assert (y.double() - exact).abs().max() <= 0.01 * exact.abs().max()
+            step = x.abs().view(n, -1, 32).amax(-1, keepdim=True).expand(n, cols // 32, 32).reshape(n, cols) / 127
+            rounding = (step.double() / 2) @ w.double().abs().T if rounded else 0  # half an int8 step per value
+            assert torch.all((y.double() - exact).abs() <= rounding + bound)
 
 
 @pytest.mark.parametrize("isa", build.ISAS)
@@ -291,37 +293,54 @@ def tok() -> Tokenizer:
     return t
 
 
-def generate(path, tok, prompts, **load_kw) -> tuple[list[list[int]], torch.Tensor, torch.nn.Module]:
-    """Greedy tokens of each prompt (one batch, left-padded), the first prompt's decoding logits, the model."""
-    model, _ = loader.load(path, device="cpu", **load_kw)
-    engine = Engine(model, tok)
-    out = engine.generate(prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=[], trace=False)
-    [one] = engine.generate(prompts[0], max_new_tokens=4, temperature=0.0, stop_token_ids=[], trace=True)
-    return [g.token_ids for g in out], torch.stack([s.logits for s in one.trace]), model
+def decode(model, tok, prompts) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy tokens of each prompt (one batch, left-padded), and the logits of decoding steps fed the same
+    tokens whatever the model predicts (the first prompt, then FORCED one by one through the KV cache)."""
+    from chatforge.engine.kv_cache import KVCache
+
+    out = Engine(model, tok).generate(prompts, max_new_tokens=12, temperature=0.0, stop_token_ids=[])
+    cache = KVCache(model.config, 1, len(prompts[0]) + len(FORCED))
+    with torch.inference_mode():
+        steps = [model(torch.tensor([prompts[0]]), cache=cache, logits="last")[0, -1]]
+        steps += [model(torch.tensor([[t]]), cache=cache, logits="last")[0, -1] for t in FORCED[:-1]]
+    return [g.token_ids for g in out], torch.stack(steps)
+
+
+FORCED = [7, 250, 3, 99, 64, 12, 200, 5]
+PROMPTS = [[5, 17, 42, 7, 99, 3], [250, 12], [64, 31, 8, 200, 11]]
+INT8_TOL = 0.15  # CHATFORGE_GEMV=int8: decoding logits within 15% of the largest (measured on these random
+# models: up to 5.5%; on SmolLM2-135M 9%, with the same top token at every step)
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", "Q4_0"), ("qwen2", "Q8_0"), ("qwen3", "Q4_1"), ("gemma3", "Q4_1")])
-def test_gguf_model_decodes_the_same_with_and_without_kernels(arch, kind, tok, tmp_path, monkeypatch):
-    """Blocks kept and multiplied by the kernels (GGMLLinear; fused attention step, norms, SwiGLU) against
-    the same file dequantized to fp32 and run on torch's ops alone: the same greedy tokens for a batch of
-    prompts of different lengths (padding masks), and close decoding logits."""
+def test_gguf_model_decodes_like_torch_with_the_kernels(arch, kind, tok, tmp_path, monkeypatch):
+    """The file's blocks kept and multiplied by the kernels (GGMLLinear; the fused attention step, norms,
+    SwiGLU) against the same file dequantized to fp32 on torch's ops alone. By default (fp32 activations):
+    the same greedy tokens for a batch of prompts of different lengths (padding masks) and decoding logits
+    within 1e-4 of the largest; CHATFORGE_GEMV=int8 (activations rounded to int8 blocks): within INT8_TOL."""
     if not kernels.available():
         pytest.skip(f"no kernels here: {kernels.status()}")
     path = tmp_path / "m.gguf"
     write_gguf(path, random_model(tiny_config(arch, tok.vocab_size), seed=3), arch, tok, kind)
-    prompts = [[5, 17, 42, 7, 99, 3], [250, 12], [64, 31, 8, 200, 11]]
-    fast, fast_logits, model = generate(path, tok, prompts)
+    model, _ = loader.load(path, device="cpu")
     assert any(isinstance(m, GGMLLinear) for m in model.modules())
-    monkeypatch.setenv(build.ENV, "0")
-    kernels.reset()
-    try:
-        slow, slow_logits, reference = generate(path, tok, prompts, dtype="fp32")
-    finally:
-        monkeypatch.delenv(build.ENV)
+    runs = {}
+    for name, env in (("exact", {}), ("int8", {kernels.GEMV_ENV: "int8"}), ("torch", {build.ENV: "0"})):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
         kernels.reset()
-    assert not any(isinstance(m, GGMLLinear) for m in reference.modules())
-    assert fast == slow
-    assert (fast_logits - slow_logits).abs().max() <= 1e-4 * slow_logits.abs().max()
+        try:
+            runs[name] = decode(model if name != "torch" else loader.load(path, device="cpu", dtype="fp32")[0],
+                                tok, PROMPTS)
+        finally:
+            for key in env:
+                monkeypatch.delenv(key)
+            kernels.reset()
+    reference = runs["torch"][1]
+    assert runs["exact"][0] == runs["torch"][0]
+    assert (runs["exact"][1] - reference).abs().max() <= 1e-4 * reference.abs().max()
+    assert (runs["int8"][1] - reference).abs().max() <= INT8_TOL * reference.abs().max()
+    assert (runs["int8"][1] - reference).abs().max() > 0  # the int8 mode did round (it is the one that ran)
 
 
 def test_plan_says_which_kernels_decode():

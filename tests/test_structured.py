@@ -180,6 +180,14 @@ def test_a_schema_that_cannot_be_compiled_is_a_400_naming_it(client, fmt, param,
     assert words in error["message"] and "\n" not in error["message"]
 
 
+def test_what_is_left_unsupported_says_why(client):
+    for extra, param in ((dict(suffix="The end."), "suffix"), (dict(best_of=2), "best_of")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=DEMO_MODEL, prompt="Once", max_tokens=2, **extra)
+        assert e.value.body["param"] == param and e.value.body["code"] == "unsupported"
+        assert "is not supported by chatforge: " in e.value.body["message"]
+
+
 # --- the mask itself ----------------------------------------------------------------------------------------------
 
 def test_stop_tokens_are_allowed_only_when_the_json_is_complete(demo):
@@ -261,7 +269,7 @@ def test_smollm2_structured_output(smollm2_gguf, tmp_path):
                           "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}}},
                "list": {"type": "object", "required": ["languages"], "properties": {"languages": {
                    "type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 12}}}}}
-    with ServerProcess("--model", str(smollm2_gguf), "--db", str(tmp_path / "c.db"), "--threads", "2",
+    with ServerProcess("--model", str(smollm2_gguf), "--db", str(tmp_path / "c.db"), "--threads", "1",
                        "--log-level", "warning") as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
         model = client.models.list().data[0].id

@@ -203,6 +203,25 @@ def test_the_forced_call_grammar_admits_only_valid_calls(demo):
     assert not accepts('<tool_call>{"name": "ping", "arguments": {}}</tool_call><tool_call>')
 
 
+def test_forced_calls_take_parameters_with_nested_definitions(demo):
+    """pydantic (and so LangChain) writes nested models under $defs: they still constrain the arguments."""
+    place = {"type": "object", "required": ["city"], "properties": {"city": {"enum": ["Paris", "Rome"]}}}
+    trip = {"type": "object", "required": ["start", "stops"], "$defs": {"Place": place},
+            "properties": {"start": {"$ref": "#/$defs/Place"},
+                           "stops": {"type": "array", "items": {"$ref": "#/$defs/Place"}}}}
+    spec = ToolSpec.parse([{"type": "function", "function": {"name": "trip", "parameters": trip}}, PING], "required")
+    grammar = lark_grammar(spec.grammar())
+    tok = demo.engine.tokenizer
+
+    def accepts(arguments: str) -> bool:
+        matcher = GrammarTokenizer.of(tok).matcher(grammar)
+        text = f'<tool_call>{{"name": "trip", "arguments": {arguments}}}</tool_call>'
+        return all(matcher.ll.consume_token(t) for t in tok.encode(text)) and matcher.accepting
+
+    assert accepts('{"start": {"city": "Paris"}, "stops": [{"city": "Rome"}]}')
+    assert not accepts('{"start": {"city": "Oslo"}, "stops": []}')
+
+
 # --- over HTTP, with the official client -------------------------------------------------------------------------
 
 def test_required_always_yields_well_formed_calls(client):
@@ -316,7 +335,7 @@ def test_a_model_whose_template_renders_tools(tmp_path):
 
 
 def test_smollm2_required_call(smollm2_gguf, tmp_path):
-    with ServerProcess("--model", str(smollm2_gguf), "--db", str(tmp_path / "c.db"), "--threads", "2",
+    with ServerProcess("--model", str(smollm2_gguf), "--db", str(tmp_path / "c.db"), "--threads", "1",
                        "--log-level", "warning") as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
         model = client.models.list().data[0].id

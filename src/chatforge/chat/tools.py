@@ -136,12 +136,39 @@ class ToolSpec:
         if self.choice not in ("required", "function"):
             return None
         chosen = [f for f in self.functions if self.choice == "required" or f.name == self.forced]
-        variants = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+        defs: dict[str, Any] = {}
+        variants = [{"type": "object", "properties": {"name": {"const": f.name},
+                                                      "arguments": _hoist_defs(f.parameters, f.name, defs)},
                      "required": ["name", "arguments"], "additionalProperties": False} for f in chosen]
         schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+        if defs:
+            schema = {**schema, "$defs": defs}
         start = "start: call" if self.max_calls == 1 else 'start: call ("\\n"? call)*'
         return (f'{start}\ncall: "{OPEN}" "\\n"? body "\\n"? "{CLOSE}"\n'
                 f"body: {json_rule(schema)}\n")
+
+
+def _hoist_defs(parameters: dict, name: str, defs: dict[str, Any]) -> dict:
+    """`parameters` placed inside the call's schema: its `$defs` (pydantic writes nested models there) move
+    to `defs`, the root's, renamed after the function, and its `#/$defs/X` references follow them."""
+    own = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+    if not own:
+        return parameters
+
+    def moved(node: Any) -> Any:
+        if isinstance(node, list):
+            return [moved(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: moved(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+            out["$ref"] = f"#/$defs/{name}.{ref.split('/', 2)[2]}"
+        return out
+
+    for key, sub in own.items():
+        defs[f"{name}.{key}"] = moved(sub)
+    return moved(parameters)
 
 
 def _function(tool: Any, where: str) -> Function:

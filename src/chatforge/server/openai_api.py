@@ -109,13 +109,15 @@ class CompletionRequest(SamplingFields):
 
 def _unsupported(body: SamplingFields) -> None:
     """Refuse features we do not have rather than ignore them and answer something else."""
-    checks = {
-        "suffix": getattr(body, "suffix", None) is not None,
-        "best_of": getattr(body, "best_of", None) not in (None, 1),
+    checks = {  # what is asked for, and why chatforge does not do it
+        "suffix": (getattr(body, "suffix", None) is not None,
+                   "it needs a model trained for fill-in-the-middle, and chatforge's models are not"),
+        "best_of": (getattr(body, "best_of", None) not in (None, 1),
+                    "ask for n choices with logprobs and pick the best yourself"),
     }
-    for param, bad in checks.items():
+    for param, (bad, why) in checks.items():
         if bad:
-            raise APIError(400, f"{param} is not supported by chatforge", param=param, code="unsupported")
+            raise APIError(400, f"{param} is not supported by chatforge: {why}", param=param, code="unsupported")
 
 
 def sampling_config(base: GenerationConfig, values: dict[str, Any], *, prefix: str = "",
