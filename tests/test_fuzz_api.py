@@ -60,6 +60,18 @@ def test_the_document_describes_every_body():
                 assert "requestBody" in operation, (method, path)
 
 
+def test_the_server_serves_its_document(server):
+    """GET /openapi.json on the running server is the document this module fuzzes from (before pinning)."""
+    import urllib.request
+
+    host = server.url.split("//", 1)[1]
+    req = urllib.request.Request(server.url + "/openapi.json", headers={"Host": host})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        served_doc = json.loads(r.read())
+    assert served_doc == json.loads(json.dumps(document(create_app(ServeConfig()))))
+    assert "requestBody" in served_doc["paths"]["/v1/chat/completions"]["post"]
+
+
 @schema.parametrize()
 def test_no_5xx_and_every_4xx_in_openai_shape(case, server):
     host = server.url.split("//", 1)[1]

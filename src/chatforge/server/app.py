@@ -154,6 +154,16 @@ def _add_operations(app: FastAPI) -> None:
     async def page() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: HTTPRequest) -> JSONResponse:
+        """The API's OpenAPI document with every request body (server/openapi.py), for client generators."""
+        from chatforge.server.openapi import document
+
+        state = request.app.state
+        if getattr(state, "openapi", None) is None:
+            state.openapi = document(request.app)
+        return JSONResponse(state.openapi)
+
     @app.get("/favicon.ico")
     async def favicon() -> FileResponse:
         return FileResponse(WEB_DIR / "favicon.svg", media_type="image/svg+xml")
