@@ -13,7 +13,8 @@ Models: SmolLM2-135M-Instruct Q4_1 (the catalogue's `smollm2`) and a 1B-class fi
 shape, SmolLM2's tokenizer, random Q4_0 weights; benchmarks/gguf_memory.random_gguf). Both sides read
 the same file: llama.cpp runs its blocks as they are; chatforge loads it with `chatforge.loader.load` in
 each of its modes (fp32: dequantized; int8 and int4: quantize=..., activations in the loader's default
-dtype; any further mode chatforge.quantize.QUANT_MODES lists).
+dtype; any further mode chatforge.quantize.QUANT_MODES lists), and int4+int8act: int4 with the GEMVs'
+activations rounded to int8 blocks (CHATFORGE_GEMV=int8), which is how llama.cpp multiplies.
 
 Per model, mode and thread count (1 and 2: llama.cpp's n_threads = torch's threads):
 - decode: a 32-token prompt, then greedy tokens up to 128 new ones (the first comes from the prefill).
@@ -189,12 +190,23 @@ class LlamaCpp:
 
 # --- chatforge's side ------------------------------------------------------------------------------
 
-def chatforge_modes() -> dict[str, tuple[Optional[str], Optional[str]]]:
-    """{mode: (dtype, quantize)} for chatforge.loader.load: fp32 (the file dequantized) and every
-    weight-only quantization chatforge has, each with the loader's default activation dtype."""
+def chatforge_modes() -> dict[str, tuple[Optional[str], Optional[str], str]]:
+    """{mode: (dtype, quantize, CHATFORGE_GEMV)} for chatforge.loader.load: fp32 (the file dequantized) and
+    every weight-only quantization chatforge has, each with the loader's default activation dtype and exact
+    fp32 activations in the block GEMVs; and int4 with the activations rounded to int8 blocks, llama.cpp's
+    own way of multiplying (CHATFORGE_GEMV=int8)."""
     from chatforge.quantize import QUANT_MODES
 
-    return {"fp32": ("fp32", None), **{q: (None, q) for q in QUANT_MODES}}
+    return {"fp32": ("fp32", None, "fp32"), **{q: (None, q, "fp32") for q in QUANT_MODES},
+            "int4+int8act": (None, "int4", "int8")}
+
+
+def gemv_setting(value: str) -> None:
+    """CHATFORGE_GEMV for the next calls (the layers read it through kernels.int8_activations())."""
+    from chatforge import kernels
+
+    os.environ[kernels.GEMV_ENV] = value
+    kernels.reset()
 
 
 def chatforge_generate(engine, prompt: list[int], new: int) -> dict:
@@ -273,11 +285,13 @@ def measure_file(label: str, path: Path, peer: Optional[LlamaCpp], threads: list
     from .inference import decode_weight_bytes
 
     prompt_len, new, long_len = sizes
-    engines, dtypes = {}, {}
-    for mode, (dtype, quantize) in chatforge_modes().items():
+    engines, dtypes, gemv = {}, {}, {}
+    for mode, (dtype, quantize, gemv[mode]) in chatforge_modes().items():
         model, tok = load(path, device="cpu", dtype=dtype, quantize=quantize)
         engines[mode] = Engine(model, tok)
         dtypes[mode] = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(engines[mode].dtype, str(engines[mode].dtype))
+        if gemv[mode] == "int8":
+            dtypes[mode] = "int8 blocks"  # rounded to int8 blocks of 32 where they meet the weights' blocks
     vocab = min(e.model.config.vocab_size for e in engines.values())
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
@@ -291,7 +305,8 @@ def measure_file(label: str, path: Path, peer: Optional[LlamaCpp], threads: list
             if peer is not None:
                 runs["llama.cpp"] = (lambda p, n, t=t: peer.generate(path, t, p, n))
             for mode, engine in engines.items():
-                runs[f"chatforge {mode}"] = (lambda p, n, e=engine: chatforge_generate(e, p, n))
+                runs[f"chatforge {mode}"] = (lambda p, n, e=engine, g=gemv[mode]: (gemv_setting(g),
+                                                                                 chatforge_generate(e, p, n))[1])
             for run in runs.values():  # warm-up: first-call costs (loading, kernel set-up) stay out
                 run(prompt, 4)
                 run(long_prompt[:64], 1)
@@ -306,7 +321,7 @@ def measure_file(label: str, path: Path, peer: Optional[LlamaCpp], threads: list
                     prefills[name].append(runs[name](long_prompt, 1)["first_s"])
             rows = {}
             for name in names:
-                mode = name.split()[-1]
+                mode = name.removeprefix("chatforge ")
                 rows[name] = {**summarize(decodes[name], new, t), "prefill_s": statistics.median(prefills[name]),
                               "prefill_spread": spread(prefills[name]), "tokens": decodes[name][0]["tokens"],
                               "dtype": "fp32" if name == "llama.cpp" else dtypes[mode],
@@ -320,6 +335,7 @@ def measure_file(label: str, path: Path, peer: Optional[LlamaCpp], threads: list
             result["by_threads"][str(t)] = entry
     finally:
         torch.set_num_threads(before)
+        gemv_setting("")
         engines.clear()
         gc.collect()
     return result
