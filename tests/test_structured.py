@@ -90,15 +90,9 @@ def valid(text: str, schema: dict) -> object:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    db = tmp_path_factory.mktemp("structured") / "c.db"
-    with ServerProcess("--db", str(db), "--threads", "1", "--max-tokens", "200", "--log-level", "warning") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+def client(demo_client) -> openai.OpenAI:
+    """conftest's client of a `chatforge serve` on the demo model (every request here sets max_tokens)."""
+    return demo_client
 
 
 @pytest.fixture(scope="module")

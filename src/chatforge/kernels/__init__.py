@@ -126,13 +126,7 @@ class Kernels:
         B, H, Tq, D = q.shape
         KVH, S = k.shape[1], k.shape[2]
         out = torch.empty(B, Tq, H, D)
-        mptr, mb, mt = None, 0, 0
-        if mask is not None:
-            if mask.stride(-1) != 1:
-                mask = mask.contiguous()
-            mptr = mask.data_ptr()
-            mb = mask.stride(0) if mask.shape[0] > 1 else 0
-            mt = mask.stride(2) if mask.shape[2] > 1 else 0
+        mask, (mptr, mb, mt) = _mask_args(mask)
         rc = self._lib.cf_attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
                                     k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
                                     v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
@@ -160,13 +154,7 @@ class Kernels:
             cos, sin = (t if t.shape[0] == B and t.is_contiguous() else t.expand(B, 1, T, head_dim).contiguous()
                         for t in rope)
         qn, kn, eps, plus_one = norms if norms is not None else (None, None, 0.0, False)
-        mptr, mb, mt = None, 0, 0
-        if mask is not None:
-            if mask.stride(-1) != 1:
-                mask = mask.contiguous()
-            mptr = mask.data_ptr()
-            mb = mask.stride(0) if mask.shape[0] > 1 else 0
-            mt = mask.stride(2) if mask.shape[2] > 1 else 0
+        mask, (mptr, mb, mt) = _mask_args(mask)
         cb, ch, cs, _ = k_cache.stride()
         rc = self._lib.cf_attention_step(
             qkv.data_ptr(), B, T, heads, kv_heads, head_dim, None if qn is None else qn.data_ptr(),
@@ -176,6 +164,17 @@ class Kernels:
         if rc:
             raise ValueError(f"cf_attention_step: {heads} query heads cannot share {kv_heads} key/value heads")
         return out
+
+
+def _mask_args(mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], tuple[Optional[int], int, int]]:
+    """The attention kernels' mask arguments: the mask with its last dim contiguous (kept alive by the
+    caller while the kernel reads it) and (pointer, batch stride, query stride), a stride 0 where that
+    dim broadcasts; (None, 0, 0) without a mask."""
+    if mask is None:
+        return None, (None, 0, 0)
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    return mask, (mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2) if mask.shape[2] > 1 else 0)
 
 
 ISA_CODES = {"generic": 0, "avx2": 1, "avx512": 2}
