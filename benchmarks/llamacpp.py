@@ -13,8 +13,9 @@ Models: SmolLM2-135M-Instruct Q4_1 (the catalogue's `smollm2`) and a 1B-class fi
 shape, SmolLM2's tokenizer, random Q4_0 weights; benchmarks/gguf_memory.random_gguf). Both sides read
 the same file: llama.cpp runs its blocks as they are; chatforge loads it with `chatforge.loader.load` in
 each of its modes (fp32: dequantized; int8 and int4: quantize=..., activations in the loader's default
-dtype; any further mode chatforge.quantize.QUANT_MODES lists), and int4+int8act: int4 with the GEMVs'
-activations rounded to int8 blocks (CHATFORGE_GEMV=int8), which is how llama.cpp multiplies.
+dtype and, in the block GEMVs, rounded to int8 blocks as llama.cpp does (the default); any further mode
+chatforge.quantize.QUANT_MODES lists), and int4+exact: int4 with exact fp32 activations in the GEMVs
+(CHATFORGE_GEMV=exact, set before loading: the Q4 blocks then stay row by row, not repacked).
 
 Per model, mode and thread count (1 and 2: llama.cpp's n_threads = torch's threads):
 - decode: a 32-token prompt, then greedy tokens up to 128 new ones (the first comes from the prefill).
@@ -192,17 +193,17 @@ class LlamaCpp:
 
 def chatforge_modes() -> dict[str, tuple[Optional[str], Optional[str], str]]:
     """{mode: (dtype, quantize, CHATFORGE_GEMV)} for chatforge.loader.load: fp32 (the file dequantized) and
-    every weight-only quantization chatforge has, each with the loader's default activation dtype and exact
-    fp32 activations in the block GEMVs; and int4 with the activations rounded to int8 blocks, llama.cpp's
-    own way of multiplying (CHATFORGE_GEMV=int8)."""
+    every weight-only quantization chatforge has, each with the loader's default activation dtype and the
+    block GEMVs' default int8 activations (llama.cpp's own way of multiplying); and int4 with exact fp32
+    activations (CHATFORGE_GEMV=exact)."""
     from chatforge.quantize import QUANT_MODES
 
-    return {"fp32": ("fp32", None, "fp32"), **{q: (None, q, "fp32") for q in QUANT_MODES},
-            "int4+int8act": (None, "int4", "int8")}
+    return {"fp32": ("fp32", None, ""), **{q: (None, q, "") for q in QUANT_MODES}, "int4+exact": (None, "int4", "exact")}
 
 
 def gemv_setting(value: str) -> None:
-    """CHATFORGE_GEMV for the next calls (the layers read it through kernels.int8_activations())."""
+    """CHATFORGE_GEMV for the next loads and calls (read through kernels.int8_activations(); a load under
+    "exact" keeps Q4 blocks row by row, the default repacks them)."""
     from chatforge import kernels
 
     os.environ[kernels.GEMV_ENV] = value
@@ -281,16 +282,18 @@ def measure_file(label: str, path: Path, peer: Optional[LlamaCpp], threads: list
     """Every contender on one GGUF file at each thread count; rounds interleave llama.cpp and each mode."""
     from chatforge.engine import Engine
     from chatforge.loader import load
+    from chatforge.quantize import GGMLLinear
 
     from .inference import decode_weight_bytes
 
     prompt_len, new, long_len = sizes
     engines, dtypes, gemv = {}, {}, {}
     for mode, (dtype, quantize, gemv[mode]) in chatforge_modes().items():
+        gemv_setting(gemv[mode])
         model, tok = load(path, device="cpu", dtype=dtype, quantize=quantize)
         engines[mode] = Engine(model, tok)
         dtypes[mode] = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(engines[mode].dtype, str(engines[mode].dtype))
-        if gemv[mode] == "int8":
+        if gemv[mode] != "exact" and any(isinstance(m, GGMLLinear) for m in model.modules()):
             dtypes[mode] = "int8 blocks"  # rounded to int8 blocks of 32 where they meet the weights' blocks
     vocab = min(e.model.config.vocab_size for e in engines.values())
     g = torch.Generator().manual_seed(1)

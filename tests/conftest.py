@@ -35,6 +35,20 @@ def one_thread():
 
 
 @pytest.fixture
+def exact_gemv(monkeypatch):
+    """The block GEMVs with fp32 activations (CHATFORGE_GEMV=exact) for a test that checks a quantized model
+    against the fp32 model of its dequantized weights; models must be loaded after it (the default int8 mode
+    repacks Q4 weights at load time). tests/test_kernels.py checks the int8 mode against its own reference."""
+    from chatforge import kernels
+
+    monkeypatch.setenv(kernels.GEMV_ENV, "exact")
+    kernels.reset()
+    yield
+    monkeypatch.delenv(kernels.GEMV_ENV)
+    kernels.reset()
+
+
+@pytest.fixture
 def char_tokenizer():
     from chatforge.tokenizer import Tokenizer
 

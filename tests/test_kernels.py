@@ -136,6 +136,46 @@ def test_gemv_matches_dequantize_then_matmul(isa, kind, int8):
             assert torch.all((y.double() - exact).abs() <= rounding + bound)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("vnni", [True, False])
+@pytest.mark.parametrize("kind", list(ggml.PACKED_TYPES))
+def test_packed_gemv_matches_dequantize_then_matmul(isa, vnni, kind, monkeypatch):
+    """Block weights repacked in groups of 8 rows (the default layout with int8 activations): the repacking
+    undone by the torch reference (ggml.unpack8) and by cf_dequantize8 gives back the blocks; the product
+    with int8 activations equals int8_reference, the exact one the fp32 product, for row counts that leave
+    a partial last group, 1..40 activation rows (the 4-row loops, their remainders, a prefill's tiles), one
+    and two threads. vnni: built with the integer dot-product instructions, or with AVX2's pair (built and
+    run only where the CPU has them both ways, so an AVX2-only CPU checks its own loop)."""
+    if vnni and not build.vnni(isa):
+        pytest.skip(f"this CPU has no VNNI for the {isa} kernels")
+    if not vnni:
+        monkeypatch.setenv(build.VNNI_ENV, "0")
+    k = variant(isa)
+    g = torch.Generator().manual_seed(ggml.PACKED_TYPES.index(kind))
+    for rows, cols, threads in ((1, 32, 1), (7, 96, 1), (77, 160, 2), (301, 1024, 2)):
+        stored, w = random_weight(kind, rows, cols, g)
+        packed = k.repack8(stored, kind, cols)
+        assert packed.shape == ((rows + 7) // 8, 8 * stored.shape[1])
+        assert torch.equal(ggml.unpack8(packed, kind, rows, cols), stored)
+        idx = torch.randint(0, rows, (5,), generator=g)
+        assert torch.equal(k.dequantize8(packed, kind, rows, cols), w)
+        assert torch.equal(k.dequantize8(packed, kind, rows, cols, idx=idx), w[idx])
+        for n in (1, 3, 4, 5, 9, 40):
+            x = torch.randn(n, cols, generator=g)
+            bias = torch.randn(rows, generator=g) if n % 2 else None
+            add = 0 if bias is None else bias.double()
+            bound = 1e-5 * (x.double().abs() @ w.double().abs().T) + 1e-6
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                for int8 in (True, False):
+                    y = k.linear8(x, packed, kind, rows, cols, bias, int8=int8)
+                    ref = (int8_reference(x, stored, kind) if int8 else x.double() @ w.double().T) + add
+                    assert y.shape == (n, rows) and torch.all((y.double() - ref).abs() <= bound), (rows, cols, n, int8)
+            finally:
+                torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("isa", build.ISAS)
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
 def test_dequantize_matches_reference(isa, kind):
@@ -275,13 +315,13 @@ def test_off_switch_and_missing_compiler_fall_back_to_torch(no_kernels, monkeypa
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang either
     monkeypatch.setenv("CHATFORGE_HOME", str(tmp_path))  # nothing built before
     build.compiler.cache_clear()
-    kernels.variant.cache_clear()
+    kernels._variant.cache_clear()
     kernels.reset()
     try:
         assert kernels.get() is None and "no C compiler" in kernels.status()
     finally:
         build.compiler.cache_clear()
-        kernels.variant.cache_clear()
+        kernels._variant.cache_clear()
 
 
 # --- whole models: the kernel path against the torch path -----------------------------------------------
@@ -308,30 +348,33 @@ def decode(model, tok, prompts) -> tuple[list[list[int]], torch.Tensor]:
 
 FORCED = [7, 250, 3, 99, 64, 12, 200, 5]
 PROMPTS = [[5, 17, 42, 7, 99, 3], [250, 12], [64, 31, 8, 200, 11]]
-INT8_TOL = 0.15  # CHATFORGE_GEMV=int8: decoding logits within 15% of the largest (measured on these random
+INT8_TOL = 0.15  # the default int8 activations: decoding logits within 15% of the largest (measured on these random
 # models: up to 5.5%; on SmolLM2-135M 9%, with the same top token at every step)
 
 
 @pytest.mark.parametrize("arch,kind", [("llama", "Q4_0"), ("qwen2", "Q8_0"), ("qwen3", "Q4_1"), ("gemma3", "Q4_1")])
 def test_gguf_model_decodes_like_torch_with_the_kernels(arch, kind, tok, tmp_path, monkeypatch):
     """The file's blocks kept and multiplied by the kernels (GGMLLinear; the fused attention step, norms,
-    SwiGLU) against the same file dequantized to fp32 on torch's ops alone. By default (fp32 activations):
-    the same greedy tokens for a batch of prompts of different lengths (padding masks) and decoding logits
-    within 1e-4 of the largest; CHATFORGE_GEMV=int8 (activations rounded to int8 blocks): within INT8_TOL."""
+    SwiGLU) against the same file dequantized to fp32 on torch's ops alone. CHATFORGE_GEMV=exact (fp32
+    activations): the same greedy tokens for a batch of prompts of different lengths (padding masks) and
+    decoding logits within 1e-4 of the largest; by default (activations rounded to int8 blocks, Q4 weights
+    repacked in groups of 8 rows at load time): within INT8_TOL."""
     if not kernels.available():
         pytest.skip(f"no kernels here: {kernels.status()}")
     path = tmp_path / "m.gguf"
     write_gguf(path, random_model(tiny_config(arch, tok.vocab_size), seed=3), arch, tok, kind)
-    model, _ = loader.load(path, device="cpu")
-    assert any(isinstance(m, GGMLLinear) for m in model.modules())
     runs = {}
-    for name, env in (("exact", {}), ("int8", {kernels.GEMV_ENV: "int8"}), ("torch", {build.ENV: "0"})):
+    for name, env in (("exact", {kernels.GEMV_ENV: "exact"}), ("int8", {}), ("torch", {build.ENV: "0"})):
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         kernels.reset()
         try:
-            runs[name] = decode(model if name != "torch" else loader.load(path, device="cpu", dtype="fp32")[0],
-                                tok, PROMPTS)
+            model = loader.load(path, device="cpu", dtype="fp32" if name == "torch" else None)[0]
+            if name != "torch":
+                layers = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+                assert layers and all(m.packed == (name == "int8" and m.kind in ggml.PACKED_TYPES
+                                                   and kernels.get().isa != "generic") for m in layers)
+            runs[name] = decode(model, tok, PROMPTS)
         finally:
             for key in env:
                 monkeypatch.delenv(key)
@@ -341,6 +384,41 @@ def test_gguf_model_decodes_like_torch_with_the_kernels(arch, kind, tok, tmp_pat
     assert (runs["exact"][1] - reference).abs().max() <= 1e-4 * reference.abs().max()
     assert (runs["int8"][1] - reference).abs().max() <= INT8_TOL * reference.abs().max()
     assert (runs["int8"][1] - reference).abs().max() > 0  # the int8 mode did round (it is the one that ran)
+
+
+@pytest.mark.parametrize("arch,kind", [("llama", "Q4_0"), ("qwen2", "Q8_0"), ("qwen3", "Q4_1"), ("qwen2", None)])
+@pytest.mark.parametrize("gemv", ["int8", "exact"])
+def test_block_step_equals_the_step_layer_by_layer(arch, kind, gemv, tok, tmp_path, monkeypatch):
+    """cf_block_step (a whole pre-norm block of a decoding step in one call) against the same step taken
+    layer by layer through the same kernels (Block._kernel_desc answering None): logits within 1e-5 of the
+    largest, for a batch of prompts of different lengths; GGUF blocks (packed in 8-row groups in the int8
+    mode, as stored with exact activations; Qwen2's biases, Qwen3's per-head norms) or fp32 weights."""
+    from chatforge.model import Block
+
+    if not kernels.available():
+        pytest.skip(f"no kernels here: {kernels.status()}")
+    if gemv == "exact":
+        monkeypatch.setenv(kernels.GEMV_ENV, "exact")
+    kernels.reset()
+    try:
+        if kind is None:
+            model = random_model(tiny_config(arch, tok.vocab_size), seed=4)
+        else:
+            path = tmp_path / "m.gguf"
+            write_gguf(path, random_model(tiny_config(arch, tok.vocab_size), seed=4), arch, tok, kind)
+            model = loader.load(path, device="cpu")[0]
+        calls = []
+        real = kernels.Kernels.block_step
+        monkeypatch.setattr(kernels.Kernels, "block_step", lambda self, *a: calls.append(1) or real(self, *a))
+        fused = decode(model, tok, PROMPTS)
+        assert calls  # the whole-block kernel ran
+        monkeypatch.setattr(Block, "_kernel_desc", lambda self: None)
+        layered = decode(model, tok, PROMPTS)
+    finally:
+        monkeypatch.delenv(kernels.GEMV_ENV, raising=False)
+        kernels.reset()
+    assert fused[0] == layered[0]
+    assert (fused[1] - layered[1]).abs().max() <= 1e-5 * layered[1].abs().max()
 
 
 def test_plan_says_which_kernels_decode():

@@ -181,7 +181,7 @@ def test_int4_quantized_in_row_chunks_equals_all_at_once():
 
 
 @pytest.mark.parametrize("layout", ["gpt", "llama-untied"])
-def test_int4_model_computes_its_dequantized_weights(layout, one_thread):
+def test_int4_model_computes_its_dequantized_weights(layout, one_thread, exact_gemv):
     """Both int4 paths (the kernel for few rows, unpacking for many) equal an fp32 model holding the
     dequantized weights; the tied embedding reads the head's int4 table."""
     torch.manual_seed(0)

@@ -218,6 +218,15 @@ class Linear(nn.Linear):
             return _LINEAR_POINTWISE(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def kernel_desc(self) -> Optional[tuple[list[int], int]]:
+        """How chatforge's whole-block kernel (model.Block) reads this layer: (cf_block_step's 7 ints, the most
+        rows it may multiply at once), or None where the kernel cannot (not fp32 on a CPU)."""
+        w, b = self.weight, self.bias
+        if w.dtype != torch.float32 or w.device.type != "cpu" or (b is not None and b.dtype != torch.float32):
+            return None
+        return [0, w.data_ptr(), self.out_features, self.in_features, 0 if b is None else b.data_ptr(), 0,
+                w.stride(0) * 4], _GEMV_ROWS
+
     def fused_gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         """GELU(self(x)). For a block of rows on a CPU, outside autograd (inference, a prefill), one
         oneDNN call applies the GELU as the multiply writes its output: run separately, torch's GELU
@@ -411,11 +420,56 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+        kern = step_kernels(x) if ctx.cache is not None and not ctx.want_weights else None
+        desc = self._kernel_desc() if kern is not None and ctx.cache.k.dtype == x.dtype else None
+        if desc is not None and x.shape[0] * x.shape[1] <= desc[2] and (kern.isa != "generic" or not desc[3]):
+            return self._kernel_step(kern, x, ctx, desc)
         if self.post_norm:
             x = self.norm1(x + self.drop(self.attn(x, ctx)))
             return self.norm2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.post_attn_norm(self.attn(self.norm1(x), ctx)))
         return x + self.drop(self.post_mlp_norm(self.mlp(self.norm2(x))))
+
+
+    def _kernel_step(self, kern: kernels.Kernels, x: torch.Tensor, ctx: "ForwardContext", desc) -> torch.Tensor:
+        """forward() of a decoding step in one call of chatforge's kernels (the pre-norm lines, SwiGLU)."""
+        attn = self.attn
+        keys, values, start = ctx.cache.slots(attn.layer)
+        mask = ctx.mask_for(attn.window)
+        causal = mask is None and attn.causal and x.shape[1] > 1
+        return kern.block_step(x.contiguous(), desc[0], desc[1], ctx.rope_for(attn.window), keys, values, start, mask,
+                               causal)
+
+    def _kernel_desc(self) -> Optional[tuple[torch.Tensor, torch.Tensor, int, bool]]:
+        """The block as cf_block_step reads it, (int64 desc, fp32 desc, most rows, whether a linear is packed in
+        8-row groups: those need the AVX2 or AVX-512 kernels), or None where that kernel
+        does not apply: only a pre-norm block with RMSNorms, a SwiGLU MLP and linears that describe
+        themselves (kernel_desc: fp32 Linear, GGMLLinear). Kept until a layer or weight changes."""
+        attn, mlp = self.attn, self.mlp
+        parts = (self.norm1, self.norm2, attn.qkv, attn.proj, mlp.fc, mlp.proj, attn.q_norm)
+        key = tuple(id(p) for p in parts) + tuple(p.weight.data_ptr() for p in parts[:6])
+        cached = self.__dict__.get("_desc")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self.__dict__["_desc"] = (key, self._describe())
+        return self.__dict__["_desc"][1]
+
+    def _describe(self) -> Optional[tuple[torch.Tensor, torch.Tensor, int, bool]]:
+        attn, mlp = self.attn, self.mlp
+        norms = (self.norm1, self.norm2) + ((attn.q_norm, attn.k_norm) if isinstance(attn.q_norm, RMSNorm) else ())
+        if (self.post_norm or mlp.kind != "swiglu" or attn.dropout
+                or not all(isinstance(m, nn.Identity) for m in (self.post_attn_norm, self.post_mlp_norm, self.drop))
+                or not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32 and n.weight.device.type == "cpu"
+                           for n in norms)):
+            return None
+        linears = [getattr(m, "kernel_desc", lambda: None)() for m in (attn.qkv, attn.proj, mlp.fc, mlp.proj)]
+        if any(d is None for d in linears):
+            return None
+        ptrs = [n.weight.data_ptr() for n in norms] + [0, 0][:4 - len(norms)]
+        desc = [self.norm1.weight.shape[0], attn.n_head, attn.n_kv_head, attn.head_dim, mlp.proj.in_features,
+                int(self.norm1.plus_one), *ptrs] + [v for d, _ in linears for v in d]
+        return (torch.tensor(desc, dtype=torch.int64), torch.tensor([self.norm1.eps, attn.scale]),
+                min(rows for _, rows in linears), any(d[5] for d, _ in linears))
 
 
 class MLMTransform(nn.Module):

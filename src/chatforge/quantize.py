@@ -389,10 +389,13 @@ class GGMLLinear(nn.Module):
     chatforge.kernels.ggml), as a GGUF file stores it or as chatforge's int8 / int4 quantize to it.
 
     A few rows (decoding, a small batch) are multiplied by chatforge's kernel straight from the blocks:
-    4.5 to 8.5 bits per weight stream from memory instead of 32. More rows (a prefill) widen the layer
-    to the activations' dtype once and use torch's GEMM, which is compute-bound there. Without the
-    kernels (another device, no compiler) every call widens the layer with the torch reference; so does
-    a call whose input autograd tracks (the widened path is differentiable in x; the weight is a buffer).
+    4.5 to 8.5 bits per weight stream from memory instead of 32. With int8 activations (the default, see
+    kernels.int8_activations) Q4_0 / Q4_1 weights are repacked at load time in groups of 8 rows
+    (`packed`, see ggml.unpack8), whose integer kernel also beats widening the layer for torch's fp32
+    GEMM at a prefill's hundreds of rows (2.7x measured). Otherwise more rows widen the layer to the
+    activations' dtype once and use torch's GEMM. Without the kernels (another device, no compiler)
+    every call widens the layer with the torch reference; so does a call whose input autograd tracks
+    (the widened path is differentiable in x; the weight is a buffer).
     """
 
     def __init__(self, blocks: torch.Tensor, kind: str, in_features: int, bias: Optional[torch.Tensor] = None):
@@ -400,7 +403,10 @@ class GGMLLinear(nn.Module):
         if kind not in KERNEL_TYPES or blocks.dtype != torch.uint8 or blocks.shape[1] != ggml.row_bytes(kind, in_features):
             raise ValueError(f"not {kind} blocks of {in_features} inputs: {tuple(blocks.shape)} {blocks.dtype}")
         self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
-        self.register_buffer("weight", blocks.contiguous())
+        k = kernels.get() if blocks.device.type == "cpu" else None
+        self.packed = (kind in ggml.PACKED_TYPES and k is not None and k.isa != "generic"
+                       and kernels.int8_activations())
+        self.register_buffer("weight", k.repack8(blocks, kind, in_features) if self.packed else blocks.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         # empty but floating: model.to(dtype) converts it with the rest, so it holds the activations' dtype
         self.register_buffer("dtype_probe", torch.empty(0), persistent=False)
@@ -412,33 +418,55 @@ class GGMLLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = kernels.get() if x.device.type == "cpu" else None
         bias = self.bias
-        if k is not None and x.numel() <= GEMV_MAX_ROWS * self.in_features and not x.requires_grad:
-            if bias is not None and bias.dtype != torch.float32:
-                bias = bias.float()
-            int8 = kernels.int8_activations()
-            if x.dtype == torch.float32:
-                return k.linear(x, self.weight, self.kind, self.out_features, self.in_features, bias, int8)
-            return k.linear(x.float(), self.weight, self.kind, self.out_features, self.in_features, bias, int8).to(x.dtype)
-        w = k.dequantize(self.weight, self.kind, self.in_features, out=_scratch(self.weight.shape[0] * self.in_features)) \
-            if k is not None else self.dequantized()
+        if k is not None and not x.requires_grad:
+            int8, few = kernels.int8_activations(), x.numel() <= GEMV_MAX_ROWS * self.in_features
+            packed = self.packed and k.isa != "generic"
+            if (packed and (int8 or few)) or (not self.packed and few):
+                if bias is not None and bias.dtype != torch.float32:
+                    bias = bias.float()
+                run = k.linear8 if packed else k.linear
+                y = run(x.float(), self.weight, self.kind, self.out_features, self.in_features, bias, int8)
+                return y if x.dtype == torch.float32 else y.to(x.dtype)
+        scratch = _scratch(self.out_features * self.in_features)
+        if k is not None and self.packed and k.isa != "generic":
+            w = k.dequantize8(self.weight, self.kind, self.out_features, self.in_features, out=scratch)
+        elif k is not None and not self.packed:
+            w = k.dequantize(self.weight, self.kind, self.in_features, out=scratch)
+        else:
+            w = self.dequantized()
         return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def kernel_desc(self) -> Optional[tuple[list[int], int]]:
+        """How chatforge's whole-block kernel (model.Block) reads this layer: (cf_block_step's 7 ints, the most
+        rows it may multiply at once), or None off the CPU."""
+        w, b = self.weight, self.bias
+        if w.device.type != "cpu":
+            return None
+        return [ggml.TYPE_IDS[self.kind], w.data_ptr(), self.out_features, self.in_features,
+                0 if b is None else b.data_ptr(), int(self.packed), w.stride(0)], (64 if self.packed else GEMV_MAX_ROWS)
+
+    def blocks(self) -> torch.Tensor:
+        """The weight's blocks row after row, as a GGUF file stores them (a repacked weight unpacked)."""
+        return ggml.unpack8(self.weight, self.kind, self.out_features, self.in_features) if self.packed else self.weight
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows `idx` of the weight, dequantized to the activations' dtype (a tied embedding's lookup)."""
         k = kernels.get() if self.weight.device.type == "cpu" else None
-        if k is not None:
+        if k is not None and self.packed and k.isa != "generic":
+            out = k.dequantize8(self.weight, self.kind, self.out_features, self.in_features, idx=idx)
+        elif k is not None and not self.packed:
             out = k.dequantize(self.weight, self.kind, self.in_features, rows=idx)
         else:
-            out = ggml.dequantize(self.weight[idx.reshape(-1)], self.kind, self.in_features)
+            out = ggml.dequantize(self.blocks()[idx.reshape(-1)], self.kind, self.in_features)
         return out.view(*idx.shape, self.in_features).to(self.dtype_probe.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The weight this layer multiplies by, (out, in) in fp32 (the torch reference: tests, other devices)."""
-        return ggml.dequantize(self.weight, self.kind, self.in_features)
+        return ggml.dequantize(self.blocks(), self.kind, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"kind={self.kind}")
+                f"kind={self.kind}{', packed in 8-row groups' if self.packed else ''}")
 
 
 _SCRATCH = threading.local()

@@ -45,6 +45,9 @@ class Kernels:
             "cf_isa": (_I32, []),
             "cf_gemv": (_I32, [_I32, _P, _I64, _I64, _I64, _P, _I64, _P, _I64, _P, _I32, _I32]),
             "cf_dequantize": (_I32, [_I32, _P, _I64, _I64, _I64, _P, _P, _I32]),
+            "cf_repack8": (_I32, [_I32, _P, _I64, _I64, _I64, _P]),
+            "cf_dequantize8": (_I32, [_I32, _P, _I64, _I64, _P, _P, _I32]),
+            "cf_gemv8": (_I32, [_I32, _P, _I64, _I64, _P, _I64, _P, _I64, _P, _I32, _I32]),
             "cf_rmsnorm": (None, [_P, _P, _P, _I64, _I64, _F32, _I32]),
             "cf_rope": (None, [_P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P]),
             "cf_swiglu": (None, [_P, _P, _I64, _I64]),
@@ -52,6 +55,8 @@ class Kernels:
                                     _I64, _I32, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _P, _I32]),
             "cf_attention_step": (_I32, [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _F32, _I32, _P, _P, _P, _P, _I64,
                                          _I64, _I64, _I64, _P, _I64, _I64, _I32, _F32, _P, _I32]),
+            "cf_block_step": (_I32, [_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64,
+                                     _I32, _I32, _I32]),
         }
         for name, (res, args) in sigs.items():
             fn = getattr(lib, name)
@@ -90,6 +95,42 @@ class Kernels:
                                      torch.get_num_threads())
         if rc:
             raise ValueError(f"cf_dequantize: not a {kind} weight of {cols} columns")
+        return out
+
+    # --- 8 rows interleaved (Q4_0, Q4_1 with int8 activations) --------------------------------------
+    def repack8(self, weight: torch.Tensor, kind: str, in_features: int) -> torch.Tensor:
+        """The rows of a Q4_0 / Q4_1 weight (rows, row bytes) in groups of 8 (see cf_repack8 in q_gemv.c):
+        (ceil(rows / 8), 8 x row bytes) uint8, the last group padded with zero rows."""
+        rows, rb = weight.shape[0], weight.stride(0) * weight.element_size()
+        out = torch.empty((rows + 7) // 8, 8 * weight.shape[1], dtype=torch.uint8)
+        if self._lib.cf_repack8(TYPE_IDS[kind], weight.data_ptr(), rb, rows, in_features, out.data_ptr()):
+            raise ValueError(f"cf_repack8: not {kind} rows of {in_features} weights")
+        return out
+
+    def linear8(self, x: torch.Tensor, packed: torch.Tensor, kind: str, out_features: int, in_features: int,
+                bias: Optional[torch.Tensor] = None, int8: bool = False) -> torch.Tensor:
+        """x @ W^T (+ bias) for W repacked by repack8 and x (..., in_features) fp32, exact or (int8) with x
+        rounded to int8 blocks first, as in `linear`; AVX2 and AVX-512 builds only."""
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], out_features)
+        rc = self._lib.cf_gemv8(TYPE_IDS[kind], packed.data_ptr(), out_features, in_features, x.data_ptr(),
+                                x.numel() // in_features, y.data_ptr(), out_features,
+                                None if bias is None else bias.data_ptr(), int(int8), torch.get_num_threads())
+        if rc:
+            raise ValueError(f"cf_gemv8: a repacked {kind} weight of {out_features} x {in_features} cannot be multiplied here")
+        return y
+
+    def dequantize8(self, packed: torch.Tensor, kind: str, rows: int, cols: int, idx: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """fp32 (n, cols): rows idx (int64), or the first `rows` rows, of a weight repacked by repack8, written
+        into `out` (n * cols contiguous fp32 values) when given."""
+        ids = None if idx is None else idx.reshape(-1).contiguous().to(torch.int64)
+        n = rows if ids is None else ids.numel()
+        out = torch.empty(n, cols) if out is None else out.view(n, cols)
+        if self._lib.cf_dequantize8(TYPE_IDS[kind], packed.data_ptr(), n, cols, None if ids is None else ids.data_ptr(),
+                                    out.data_ptr(), torch.get_num_threads()):
+            raise ValueError(f"cf_dequantize8: not a repacked {kind} weight of {cols} columns")
         return out
 
     # --- the small ops of a step ---------------------------------------------------------------------
@@ -165,6 +206,28 @@ class Kernels:
             raise ValueError(f"cf_attention_step: {heads} query heads cannot share {kv_heads} key/value heads")
         return out
 
+    def block_step(self, x: torch.Tensor, desc: torch.Tensor, fdesc: torch.Tensor,
+                   rope: Optional[tuple[torch.Tensor, torch.Tensor]], k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   start: int, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+        """A whole pre-norm decoder block of a decoding step in one call (cf_block_step in q_gemv.c): x (B, T, C)
+        fp32, contiguous; desc (int64) and fdesc (fp32) describe the block's weights (model.Block builds them);
+        the attention's arguments as in attention_step. Returns the block's output (B, T, C)."""
+        B, T, _ = x.shape
+        y = torch.empty_like(x)
+        cos = sin = None
+        if rope is not None:
+            cos, sin = (t if t.shape[0] == B and t.is_contiguous() else t.expand(B, 1, T, t.shape[-1]).contiguous()
+                        for t in rope)
+        mask, (mptr, mb, mt) = _mask_args(mask)
+        cb, ch, cs, _ = k_cache.stride()
+        rc = self._lib.cf_block_step(
+            x.data_ptr(), y.data_ptr(), B, T, desc.data_ptr(), fdesc.data_ptr(), None if cos is None else cos.data_ptr(),
+            None if sin is None else sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), cb, ch, cs, start, mptr, mb,
+            mt, int(causal), int(int8_activations()), torch.get_num_threads())
+        if rc:
+            raise ValueError("cf_block_step: a layer of this block cannot be multiplied by the kernels")
+        return y
+
 
 def _mask_args(mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], tuple[Optional[int], int, int]]:
     """The attention kernels' mask arguments: the mask with its last dim contiguous (kept alive by the
@@ -180,11 +243,15 @@ def _mask_args(mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], tu
 ISA_CODES = {"generic": 0, "avx2": 1, "avx512": 2}
 
 
-@functools.lru_cache(maxsize=None)
 def variant(isa: str) -> Kernels:
     """Variant `isa`, built on first use; BuildError when it cannot be had (tests run every variant the CPU has)."""
     if isa not in build.supported_isas():
         raise build.BuildError(f"this CPU cannot run the {isa} kernels")
+    return _variant(isa, build.vnni(isa))
+
+
+@functools.lru_cache(maxsize=None)
+def _variant(isa: str, vnni: bool) -> Kernels:
     return Kernels(isa)
 
 
@@ -206,10 +273,11 @@ GEMV_ENV = "CHATFORGE_GEMV"
 
 @functools.lru_cache(maxsize=1)
 def int8_activations() -> bool:
-    """Whether the block GEMVs round the activations to int8 blocks first (CHATFORGE_GEMV=int8: llama.cpp's
-    way, ~30% more weights per second when compute-bound, logits off by a few percent) or keep them fp32
-    (the default: the dequantized weights times x up to fp32 rounding, so greedy tokens equal torch's)."""
-    return os.environ.get(GEMV_ENV, "").strip().lower() == "int8"
+    """Whether the block GEMVs round the activations to int8 blocks first (the default: llama.cpp's numerics,
+    2-3x the weights per second of exact fp32 products, logits within about 1% of the exact ones) or keep
+    them fp32 (CHATFORGE_GEMV=exact: the dequantized weights times x up to fp32 rounding, so greedy tokens
+    equal torch's)."""
+    return os.environ.get(GEMV_ENV, "").strip().lower() != "exact"
 
 
 def get() -> Optional[Kernels]:

@@ -38,6 +38,9 @@ COMMON = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fno-math-errno"]
 _NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
           "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
 _ATEN_CAP = {"default": "generic", "avx2": "avx2"}  # torch's own names for its capped levels
+# integer dot products (VNNI) where the CPU has them: the int8 GEMV's inner instruction, else two AVX2 ones
+_VNNI = {"avx512": ("avx512_vnni", "-mavx512vnni"), "avx2": ("avx_vnni", "-mavxvnni")}
+VNNI_ENV = "CHATFORGE_VNNI"  # =0: build without them (the plain AVX2 loop, as on a CPU that lacks them)
 
 
 class BuildError(RuntimeError):
@@ -64,6 +67,19 @@ def chosen_isa() -> str:
         if cap in ISAS:
             have = [isa for isa in have if ISAS.index(isa) >= ISAS.index(cap)]
     return have[0]
+
+
+def vnni(isa: str) -> bool:
+    """Whether variant `isa` is built with integer dot-product instructions: the CPU has them for that
+    width, and CHATFORGE_VNNI is not 0."""
+    if isa not in _VNNI or os.environ.get(VNNI_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    return _VNNI[isa][0] in cpu_flags()
+
+
+def isa_flags(isa: str) -> list[str]:
+    """The compiler's instruction-set flags for variant `isa` on this CPU."""
+    return FLAGS[isa] + ([_VNNI[isa][1]] if vnni(isa) else [])
 
 
 def cache_dir() -> Path:
@@ -96,7 +112,7 @@ def library_path(isa: str) -> Path:
     source = SOURCE.read_bytes()
     errors = []
     for openmp in (["-fopenmp"], []):  # without OpenMP (Apple's clang) the kernels run on one thread
-        flags = COMMON + FLAGS[isa] + openmp
+        flags = COMMON + isa_flags(isa) + openmp
         key = hashlib.sha256(source + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
         target = cache_dir() / f"q_gemv-{isa}-{key}.so"
         if target.is_file():

@@ -67,6 +67,25 @@ def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.cat(parts, dim=-1).reshape(rows, row_bytes(kind, cols))
 
 
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # kinds the int8 kernels read repacked in groups of 8 rows (cf_repack8)
+
+
+def unpack8(packed: torch.Tensor, kind: str, rows: int, cols: int) -> torch.Tensor:
+    """The row-major blocks (rows, row bytes) of a weight repacked in groups of 8 rows: the torch reference of
+    q_gemv.c's layout. Per block column of a group: the 8 rows' fp16 scales (Q4_1: then their 8 minimums),
+    then chunks of 32 bytes (Q4: 4, Q8_0: 8), chunk c holding quant bytes 4c..4c+3 of row 0, then row 1, ...
+    (Q8_0's stored as w + 128: unsigned, for the u8 x s8 dot instruction)."""
+    groups, nb, bb = packed.shape[0], cols // QK, BLOCK_BYTES[kind]
+    hdr = 4 if kind == "Q4_1" else 2  # bytes before a row's quants in a block
+    g = packed.reshape(groups, nb, 8 * bb)
+    heads = g[..., :8 * hdr].reshape(groups, nb, hdr // 2, 8, 2).permute(0, 3, 1, 2, 4).reshape(groups, 8, nb, hdr)
+    chunks = (bb - hdr) // 4
+    quants = g[..., 8 * hdr:].reshape(groups, nb, chunks, 8, 4).permute(0, 3, 1, 2, 4).reshape(groups, 8, nb, 4 * chunks)
+    if kind == "Q8_0":
+        quants = quants ^ 0x80
+    return torch.cat([heads, quants], dim=-1).reshape(groups * 8, nb * bb)[:rows]
+
+
 def _f16(two_bytes: torch.Tensor) -> torch.Tensor:
     """fp32 values of little-endian fp16 pairs of bytes (..., 2) -> (..., 1)."""
     return two_bytes.contiguous().view(torch.float16).float()
