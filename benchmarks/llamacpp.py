@@ -327,7 +327,7 @@ def measure_file(label: str, path: Path, peer: Optional[LlamaCpp], threads: list
                 mode = name.removeprefix("chatforge ")
                 rows[name] = {**summarize(decodes[name], new, t), "prefill_s": statistics.median(prefills[name]),
                               "prefill_spread": spread(prefills[name]), "tokens": decodes[name][0]["tokens"],
-                              "dtype": "fp32" if name == "llama.cpp" else dtypes[mode],
+                              "dtype": "int8 blocks" if name == "llama.cpp" else dtypes[mode],
                               "weight_bytes_per_token": file_bytes_per_token(path) if name == "llama.cpp" else
                               decode_weight_bytes(engines[mode].model)}
             bandwidth = statistics.median(bandwidths)

@@ -398,18 +398,16 @@ def _notes(results: dict) -> list[str]:
     b2l = results.get("B2-llamacpp")
     if b2l and b2l.get("ratios") and not b2l.get("quick") and min(b2l["ratios"].values()) < 1.0:
         short = "; ".join(f"{k} {v:.2f}x" for k, v in b2l["ratios"].items() if v < 1.0 or "prefill" in k and v < 2.0)
-        out.append(f"- **B2-llamacpp** (short: {short}): decoding a 4-bit "
-                   "file is compute-bound in the block GEMV, not memory-bound. With exact fp32 activations "
-                   "(the default) every weight is widened to fp32; with the activations rounded to int8 "
-                   "blocks as llama.cpp does (CHATFORGE_GEMV=int8) the products are integer, but llama.cpp "
-                   "also repacks Q4_0 rows into interleaved groups at load (its `REPACK = 1`), so each block's "
-                   "scales come as one vector for several rows. A 512-bit version of chatforge's integer loop "
-                   "(two blocks per instruction) measured slower on the AMD EPYC (11.4 vs 13.4 GB/s) and was "
-                   "dropped. Prefill widens each layer to fp32 for torch's GEMM (~80 GFLOPS on one core), where "
-                   "llama.cpp multiplies int8 with VNNI; torch's bf16 GEMM runs 2.6x faster than fp32 here "
-                   "on the AMD EPYC (203 vs 76 GFLOPS at 128 x 2048 x 8192), but widening each layer to bf16 for it took "
-                   "the 1B-class file's 128-token prefill only from 3.9 s to 3.0 s on one thread (the widening and "
-                   "the conversion then dominate), so it was not adopted: an int8 GEMM over the blocks is the way.")
+        out.append(f"- **B2-llamacpp** (short: {short}): both sides now decode the same way: activations rounded "
+                   "to int8 blocks, weights repacked at load so that one VNNI dot instruction serves several rows "
+                   "(chatforge: groups of 8 rows, q_gemv.c's cf_gemv8; llama.cpp: its `REPACK = 1`), and both "
+                   "prefill with the same integer instructions (chatforge's packed loop: 120-150 GMAC/s on one "
+                   "core of the AMD EPYC, 2.7x the fp32 GEMM it replaced). On the 135M model llama.cpp's "
+                   "per-token and per-matrix overheads leave chatforge ahead; on the 1B-class file the prefill "
+                   "is the integer dot instructions' throughput on both sides, so the ratio sits near 1x. "
+                   "Twice llama.cpp's prefill there would need more multiplies per cycle than VNNI gives (AMX "
+                   "tiles, which this AMD EPYC lacks); a fp32 or bf16 GEMM is slower still (widening each layer "
+                   "to bf16 for torch's GEMM took the 128-token prefill from 3.9 s only to 3.0 s).")
     b3 = results.get("B3")
     if b3 and "ratios" in b3:
         out.append("- **B3**: a 512-token prefill is compute-bound: in chatforge's bf16 prefill the matrix multiplies "
