@@ -814,6 +814,60 @@ INLINE void x8_groups(const int type, const uint8_t *w, int64_t g0, int64_t g1, 
 }
 #endif
 
+#if defined(CF_AVX512) && defined(__AVX512VNNI__)
+#define CF_X8_512 1
+/* x8_groups with 512-bit vectors (AVX-512 VNNI): two chunks of a group's block (64 bytes) per load and per
+   dot instruction, lanes 0-7 the first chunk's 8 rows, 8-15 the next one's, each half meeting its own 4
+   activations (one load of the activation block, spread over the lanes by a permute per instruction):
+   half the instructions per weight of x8_groups. The two halves of each sum are added at the end, and the
+   offset term goes half into each. Measured on the AMD EPYC (one thread, from cache): 1.05-1.25x x8_groups'
+   weights per second for one activation row, 1.05-1.25x for four. */
+INLINE void x8_groups512(const int type, const uint8_t *w, int64_t g0, int64_t g1, const acts_t *a, int64_t i0,
+                         const int N, int64_t rows, float *y, int64_t ldy, const float *bias) {
+    const int64_t nb = a->nb, xb = x8_bytes(type), hdr = x8_head(type);
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const int q8 = type == T_Q8_0;
+    const int first[4] = {0, q8 ? 2 : 4, q8 ? 4 : 2, 6};
+    __m512i idx[4];
+    for (int k = 0; k < 4; k++)
+        idx[k] = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(first[k]), _mm512_set1_epi32(first[k] + 1));
+    for (int64_t g = g0; g < g1; g++) {
+        __m512 acc[4];
+        for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
+        const uint8_t *base = w + g * nb * xb;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *src = base + b * xb;
+            x8_prefetch(src, xb);
+            const __m512 d = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)src)));
+            const __m512 m = type == T_Q4_1 ? _mm512_cvtph_ps(_mm256_broadcastsi128_si256(
+                                                  _mm_loadu_si128((const __m128i *)(src + 16)))) : d;
+            __m512i v[4];
+            if (type == T_Q8_0) {
+                for (int k = 0; k < 4; k++) v[k] = _mm512_loadu_si512(src + hdr + 64 * k);
+            } else {
+                const __m512i w01 = _mm512_loadu_si512(src + hdr), w23 = _mm512_loadu_si512(src + hdr + 64);
+                v[0] = _mm512_and_si512(w01, m4), v[1] = _mm512_and_si512(_mm512_srli_epi16(w01, 4), m4);
+                v[2] = _mm512_and_si512(w23, m4), v[3] = _mm512_and_si512(_mm512_srli_epi16(w23, 4), m4);
+            }
+            for (int i = 0; i < N; i++) {
+                const int64_t at = (i0 + i) * nb + b;
+                const __m512i xv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(a->q + at * QK)));
+                __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], _mm512_permutexvar_epi32(idx[0], xv));
+                s = _mm512_dpbusd_epi32(s, v[1], _mm512_permutexvar_epi32(idx[1], xv));
+                s = _mm512_dpbusd_epi32(s, v[2], _mm512_permutexvar_epi32(idx[2], xv));
+                s = _mm512_dpbusd_epi32(s, v[3], _mm512_permutexvar_epi32(idx[3], xv));
+                acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(0.5f * a->o[at]),
+                                         _mm512_fmadd_ps(d, _mm512_mul_ps(_mm512_set1_ps(a->d[at]), _mm512_cvtepi32_ps(s)), acc[i]));
+            }
+        }
+        __m256 sum[4];
+        for (int i = 0; i < N; i++)
+            sum[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]), _mm512_extractf32x8_ps(acc[i], 1));
+        x8_store(sum, N, g, rows, i0, y, ldy, bias);
+    }
+}
+#endif
+
 /* cf_gemv over a repacked matrix (cf_repack8), always with int8 activations; -1 without AVX2 or for another type */
 EXPORT int cf_gemv8(int type, const uint8_t *w, int64_t rows, int64_t cols, const float *x, int64_t n, float *y,
                     int64_t ldy, const float *bias, int int8x, int nthreads) {
@@ -863,8 +917,13 @@ EXPORT int cf_gemv8(int type, const uint8_t *w, int64_t rows, int64_t cols, cons
                               else X8_CALL(fn, T_Q8_0, N_); } while (0)
 #define X8_ROWS(fn) do { switch (m) { case 1: X8_TYPES(fn, 1); break; case 2: X8_TYPES(fn, 2); break; \
                                       case 3: X8_TYPES(fn, 3); break; default: X8_TYPES(fn, 4); } } while (0)
+#if defined(CF_X8_512)
+            if (int8x)
+                X8_ROWS(x8_groups512);
+#else
             if (int8x)
                 X8_ROWS(x8_groups);
+#endif
             else
                 X8_ROWS(x8_groups_f32);
 #undef X8_ROWS
